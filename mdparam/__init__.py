@@ -1,0 +1,36 @@
+"""mdparam: Magnitude-Direction decoupling for any PyTorch model.
+
+W = diag(phi(r)) . D . diag(phi(c)): a direction D on a fixed-norm sphere and
+learnable per-row and per-column gains, each stepped at its own learning rate
+by any torch.optim optimizer.
+
+    import mdparam
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=3e-3, gain_lr=1e-3))
+    mdparam.Retraction(model).attach(opt)
+"""
+
+from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
+from .parametrization import MagnitudeDirection, MDConfig, fuse
+from .register import Registered, register, registered, reinitialize, remove
+from .retraction import Retraction, RetractionError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MDConfig",
+    "MagnitudeDirection",
+    "Registered",
+    "Retraction",
+    "RetractionError",
+    "__version__",
+    "fuse",
+    "muon_optimizers",
+    "muon_param_groups",
+    "param_groups",
+    "register",
+    "registered",
+    "reinitialize",
+    "remove",
+    "split_params",
+]

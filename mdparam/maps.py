@@ -1,0 +1,62 @@
+"""Gain maps phi: raw gain -> positive magnitude, and their inverses.
+
+A gain map turns an unconstrained raw gain into the magnitude that scales a
+row or a column of the direction. ``softplus`` is the authors' choice (always
+positive, linear for large values); ``exp`` is positive and multiplicative;
+``identity`` lets a gain change sign.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["GAIN_MAPS", "apply_gain_map", "invert_gain_map", "neutral_raw_gain"]
+
+GAIN_MAPS = ("softplus", "identity", "exp")
+
+# torch's softplus returns x itself above this threshold; the inverse mirrors it
+# so that phi(phi^-1(y)) == y to rounding for every y.
+_SOFTPLUS_THRESHOLD = 20.0
+
+
+def apply_gain_map(raw: Tensor, gain_map: str) -> Tensor:
+    """phi(raw): the positive magnitude a raw gain stands for."""
+    if gain_map == "softplus":
+        return F.softplus(raw)
+    if gain_map == "exp":
+        return torch.exp(raw)
+    if gain_map == "identity":
+        return raw
+    raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")
+
+
+def invert_gain_map(value: Tensor, gain_map: str) -> Tensor:
+    """phi^-1(value): the raw gain whose magnitude is ``value``.
+
+    ``value`` must be positive for softplus and exp. Computed stably:
+    softplus^-1(y) = y + log(-expm1(-y)), which neither overflows for large y
+    nor loses digits for small y.
+    """
+    if gain_map == "softplus":
+        inverse = value + torch.log(-torch.expm1(-value))
+        return torch.where(value > _SOFTPLUS_THRESHOLD, value, inverse)
+    if gain_map == "exp":
+        return torch.log(value)
+    if gain_map == "identity":
+        return value.clone()
+    raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")
+
+
+def neutral_raw_gain(gain_map: str) -> float:
+    """The raw gain with phi(raw) == 1 (log(e - 1) for softplus)."""
+    if gain_map == "softplus":
+        return math.log(math.e - 1.0)
+    if gain_map == "exp":
+        return 0.0
+    if gain_map == "identity":
+        return 1.0
+    raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")

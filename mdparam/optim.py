@@ -1,0 +1,174 @@
+"""Optimizer parameter groups for directions, gains and everything else."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .register import registered
+
+__all__ = ["ROLES", "muon_optimizers", "muon_param_groups", "param_groups", "split_params"]
+
+ROLES = ("direction", "gain", "other")
+
+
+def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of ``model`` by role, each listed once, in model order."""
+    role_of: dict[int, str] = {}
+    for entry in registered(model):
+        role_of[id(entry.direction)] = "direction"
+        for g in entry.gains:
+            role_of[id(g)] = "gain"
+    if not role_of:
+        raise ValueError(
+            "mdparam.param_groups: the model has no MD-parametrized tensor; call "
+            "mdparam.register(model) before building the optimizer"
+        )
+    out: dict[str, list[nn.Parameter]] = {r: [] for r in ROLES}
+    for p in model.parameters():
+        if p.requires_grad:
+            out[role_of.get(id(p), "other")].append(p)
+    return out
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    gain_lr: float = 1e-3,
+    other_lr: float | None = None,
+    *,
+    other_weight_decay: float | None = None,
+    roles: Sequence[str] = ROLES,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """Parameter groups for any torch.optim optimizer: directions, gains, the rest.
+
+    Every group is tagged ``"mdparam_role"`` (``"direction"``, ``"gain"`` or
+    ``"other"``). Directions and gains get ``weight_decay=0`` (on a sphere,
+    decay is a first-order no-op; on gains it would pull magnitudes to
+    phi(0)). Empty groups are left out.
+
+    Args:
+        model: a registered model.
+        lr: learning rate of the directions.
+        gain_lr: learning rate of the raw gains (the authors use 1e-3).
+        other_lr: learning rate of everything else (embeddings, norms,
+            biases, unregistered layers); defaults to ``lr``.
+        other_weight_decay: weight decay of the other group; None leaves the
+            optimizer's default.
+        roles: which groups to build (e.g. ``("gain", "other")`` for the
+            AdamW half of a Muon setup).
+        **group_options: extra keys put in every group (e.g. ``betas``).
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> _ = mdparam.register(model)
+        >>> opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-2, gain_lr=1e-3))
+        >>> [(g["mdparam_role"], g["lr"], g["weight_decay"]) for g in opt.param_groups]
+        [('direction', 0.01, 0.0), ('gain', 0.001, 0.0), ('other', 0.01, 0.01)]
+    """
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}; choose from {ROLES}")
+    split = split_params(model)
+    settings: dict[str, dict[str, Any]] = {
+        "direction": {"lr": lr, "weight_decay": 0.0},
+        "gain": {"lr": gain_lr, "weight_decay": 0.0},
+        "other": {"lr": lr if other_lr is None else other_lr},
+    }
+    if other_weight_decay is not None:
+        settings["other"]["weight_decay"] = other_weight_decay
+    groups = []
+    for role in ROLES:
+        if role in roles and split[role]:
+            groups.append(
+                {"params": split[role], **group_options, **settings[role], "mdparam_role": role}
+            )
+    return groups
+
+
+def _muon_default_factor(d_out: int, d_in: int) -> float:
+    # torch.optim.Muon's adjust_lr_fn=None ("original") multiplies lr by this.
+    return math.sqrt(max(1.0, d_out / d_in))
+
+
+def muon_param_groups(model: nn.Module, lr: float, **group_options: Any) -> list[dict[str, Any]]:
+    """Groups for ``torch.optim.Muon`` over the directions, with the paper's step size.
+
+    Muon's orthogonalised update U has ||U||_F = sqrt(min(d_out, d_in)); the
+    paper scales it by sqrt(max/min) so that ||lr * U||_F = lr * R on the
+    default flat sphere (R = sqrt(max)): ``lr`` is then the relative step
+    of the direction, whatever the shape. torch's Muon always applies its own
+    factor sqrt(max(1, d_out/d_in)), so each group's lr is set to
+    ``lr * sqrt(max/min) / that factor``; one group per shape, tagged
+    ``"mdparam_role": "direction"`` and ``"mdparam_lr_scale"``.
+    Weight decay is 0. Use with ``torch.optim.Muon(groups)`` (default
+    ``adjust_lr_fn``).
+    """
+    directions = split_params(model)["direction"]
+    by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    for p in directions:
+        if p.ndim != 2:
+            raise ValueError(
+                f"torch.optim.Muon takes only 2-D tensors, but a direction has shape "
+                f"{tuple(p.shape)}; exclude that layer from Muon (give it to AdamW)"
+            )
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    groups = []
+    for (d_out, d_in), params in by_shape.items():
+        paper = math.sqrt(max(d_out, d_in) / min(d_out, d_in))
+        scale = paper / _muon_default_factor(d_out, d_in)
+        groups.append(
+            {
+                "params": params,
+                **group_options,
+                "lr": lr * scale,
+                "weight_decay": 0.0,
+                "mdparam_role": "direction",
+                "mdparam_lr_scale": scale,
+            }
+        )
+    return groups
+
+
+def muon_optimizers(
+    model: nn.Module,
+    lr: float,
+    gain_lr: float = 1e-3,
+    other_lr: float = 1e-3,
+    *,
+    other_weight_decay: float | None = None,
+    muon_options: dict[str, Any] | None = None,
+    adamw_options: dict[str, Any] | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The paper's Muon recipe: Muon on directions, AdamW on gains and the rest.
+
+    Returns ``(muon, adamw)``; attach the retraction to ``muon`` and step both.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+        >>> _ = mdparam.register(model)
+        >>> muon, adamw = mdparam.muon_optimizers(model, lr=0.05)
+        >>> _ = mdparam.Retraction(model).attach(muon)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> muon.step(); adamw.step()
+    """
+    if not hasattr(torch.optim, "Muon"):
+        raise RuntimeError("torch.optim.Muon needs torch >= 2.9; upgrade torch or use AdamW")
+    muon = torch.optim.Muon(muon_param_groups(model, lr), **(muon_options or {}))
+    rest = param_groups(
+        model,
+        lr=other_lr,
+        gain_lr=gain_lr,
+        other_lr=other_lr,
+        other_weight_decay=other_weight_decay,
+        roles=("gain", "other"),
+    )
+    adamw = torch.optim.AdamW(rest, **(adamw_options or {}))
+    return muon, adamw

@@ -1,0 +1,279 @@
+"""The direction-and-gain parametrization: W = diag(phi(r)) . D . diag(phi(c)).
+
+:func:`fuse` is the one definition of that formula. The parametrization module
+given to ``torch.nn.utils.parametrize``, the retraction, the exporters and the
+file-to-file converter all call it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .maps import GAIN_MAPS, apply_gain_map, invert_gain_map, neutral_raw_gain
+from .sphere import SPHERES, sphere_norm
+from .views import LAYOUTS, from_matrix, matrix_shape, to_matrix
+
+__all__ = [
+    "GAINS",
+    "MDConfig",
+    "MagnitudeDirection",
+    "fuse",
+    "gain_roles",
+]
+
+GAINS = ("rowcol", "row", "col", "scalar", "none")
+
+# What right_inverse tolerates as "the gains absorbed the norm" (relative).
+_PRESERVE_TOL = 1e-4
+
+
+def gain_roles(gains: str) -> tuple[str, ...]:
+    """Names of the raw gain tensors a ``gains`` layout has, in storage order."""
+    roles = {
+        "rowcol": ("row_gain", "col_gain"),
+        "row": ("row_gain",),
+        "col": ("col_gain",),
+        "scalar": ("scalar_gain",),
+        "none": (),
+    }
+    if gains not in roles:
+        raise ValueError(f"unknown gains {gains!r}; choose one of {GAINS}")
+    return roles[gains]
+
+
+def _gain_shape(role: str, mshape: tuple[int, ...]) -> tuple[int, ...]:
+    *batch, d_out, d_in = mshape
+    size = {"row_gain": d_out, "col_gain": d_in, "scalar_gain": 1}[role]
+    return (*batch, size)
+
+
+@dataclass(frozen=True)
+class MDConfig:
+    """Everything needed to fuse one parametrized tensor, JSON-serialisable.
+
+    ``radius`` is a number, or None when the radius differs per unit (then it
+    is stored as a tensor beside the originals).
+    """
+
+    gains: str
+    sphere: str
+    gain_map: str
+    layout: str
+    shape: tuple[int, ...]
+    radius: float | None
+
+    def __post_init__(self) -> None:
+        gain_roles(self.gains)
+        if self.sphere not in SPHERES:
+            raise ValueError(f"unknown sphere {self.sphere!r}; choose one of {SPHERES}")
+        if self.gain_map not in GAIN_MAPS:
+            raise ValueError(f"unknown gain_map {self.gain_map!r}; choose one of {GAIN_MAPS}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; choose one of {LAYOUTS}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        matrix_shape(self.shape, self.layout)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Roles of the originals, in order: the direction, then the raw gains."""
+        return ("direction", *gain_roles(self.gains))
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        return matrix_shape(self.shape, self.layout)
+
+    def gain_shape(self, role: str) -> tuple[int, ...]:
+        return _gain_shape(role, self.matrix_shape)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MDConfig:
+        return cls(
+            gains=d["gains"],
+            sphere=d["sphere"],
+            gain_map=d["gain_map"],
+            layout=d["layout"],
+            shape=tuple(d["shape"]),
+            radius=None if d["radius"] is None else float(d["radius"]),
+        )
+
+
+def _fuse_matrix(
+    direction: Tensor, raw_gains: tuple[Tensor, ...], gains: str, gain_map: str
+) -> Tensor:
+    if gains == "none":
+        return direction
+    if gains == "rowcol":
+        row, col = raw_gains
+        row_mag = apply_gain_map(row, gain_map).unsqueeze(-1)
+        col_mag = apply_gain_map(col, gain_map).unsqueeze(-2)
+        return row_mag * direction * col_mag
+    (raw,) = raw_gains
+    mag = apply_gain_map(raw, gain_map)
+    if gains == "col":
+        return direction * mag.unsqueeze(-2)
+    return mag.unsqueeze(-1) * direction  # row: (.., d_out, 1); scalar: (.., 1, 1)
+
+
+def fuse(direction: Tensor, raw_gains: tuple[Tensor, ...], config: MDConfig) -> Tensor:
+    """W = diag(phi(r)) . D . diag(phi(c)) in the tensor's stored layout.
+
+    ``direction`` has the stored shape; ``raw_gains`` are in the order of
+    ``config.roles[1:]``.
+
+    Example:
+        >>> import torch
+        >>> cfg = MDConfig("rowcol", "flat", "identity", "linear", (2, 3), 1.0)
+        >>> D = torch.ones(2, 3)
+        >>> fuse(D, (torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0, 3.0])), cfg)
+        tensor([[1., 1., 3.],
+                [2., 2., 6.]])
+    """
+    matrix = to_matrix(direction, config.layout)
+    fused = _fuse_matrix(matrix, tuple(raw_gains), config.gains, config.gain_map)
+    return from_matrix(fused, config.layout, config.shape)
+
+
+def _absorb(
+    scale: Tensor, gains: str, sphere: str, mshape: tuple[int, ...]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Split the per-unit ``scale`` removed by the sphere into gain magnitudes.
+
+    Returns the magnitudes per gain role and what the gains could not take
+    (ones when everything was absorbed).
+    """
+    *batch, d_out, d_in = mshape
+    ones = torch.ones((), dtype=scale.dtype, device=scale.device)
+    roles = gain_roles(gains)
+    mags: dict[str, Tensor] = {r: ones.expand(_gain_shape(r, mshape)) for r in roles}
+    if sphere == "flat":  # scale: (*batch, 1, 1)
+        s = scale.squeeze(-1)  # (*batch, 1)
+        if gains == "rowcol":
+            mags["row_gain"] = s.sqrt().expand(*batch, d_out)
+            mags["col_gain"] = s.sqrt().expand(*batch, d_in)
+        elif gains in ("row", "col", "scalar"):
+            mags[roles[0]] = s.expand(_gain_shape(roles[0], mshape))
+        else:
+            return mags, scale
+    elif sphere == "row" and gains in ("rowcol", "row"):  # scale: (*batch, d_out, 1)
+        mags["row_gain"] = scale.squeeze(-1)
+    elif sphere == "col" and gains in ("rowcol", "col"):  # scale: (*batch, 1, d_in)
+        mags["col_gain"] = scale.squeeze(-2)
+    else:
+        return mags, scale
+    return mags, ones.expand_as(scale)
+
+
+def can_absorb(gains: str, sphere: str) -> bool:
+    """Whether ``gains`` can take up any norm the ``sphere`` removes."""
+    if gains == "none":
+        return False
+    if sphere == "flat":
+        return True
+    if sphere == "row":
+        return gains in ("rowcol", "row")
+    return gains in ("rowcol", "col")
+
+
+class MagnitudeDirection(nn.Module):
+    """Parametrization W = diag(phi(r)) . D . diag(phi(c)) for ``parametrize``.
+
+    The originals are, in order, the direction D (stored shape) and the raw
+    gains of ``config.roles[1:]``. :meth:`right_inverse` splits a weight into
+    them so that the fused weight equals it: D is the weight projected onto
+    the sphere and the gains take up the norm the projection removed.
+
+    Use :func:`mdparam.register` rather than building this by hand.
+
+    Example:
+        >>> import torch
+        >>> from torch.nn.utils import parametrize
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> W = lin.weight.detach().clone()
+        >>> cfg = MDConfig("rowcol", "flat", "softplus", "linear", (3, 4), 2.0)
+        >>> _ = parametrize.register_parametrization(lin, "weight", MagnitudeDirection(cfg))
+        >>> torch.allclose(lin.weight, W, atol=1e-6)
+        True
+        >>> round(float(lin.parametrizations.weight.original0.norm()), 5)  # on the sphere
+        2.0
+    """
+
+    radius: Tensor | None
+
+    def __init__(self, config: MDConfig, radius: Tensor | None = None) -> None:
+        super().__init__()
+        if (config.radius is None) != (radius is not None):
+            raise ValueError("give a radius tensor exactly when config.radius is None")
+        self.config = config
+        # register() sets this while it registers with init="sphere": right_inverse
+        # then returns the projected weight and neutral gains instead of absorbing.
+        self.start_on_sphere = False
+        if radius is not None:
+            self.register_buffer("radius", radius)
+        else:
+            self.radius = None
+
+    def sphere_radius(self) -> float | Tensor:
+        """Radius of each unit of the sphere: a float, or a broadcastable tensor."""
+        return self.config.radius if self.radius is None else self.radius
+
+    def forward(self, direction: Tensor, *raw_gains: Tensor) -> Tensor:
+        return fuse(direction, raw_gains, self.config)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        cfg = self.config
+        if tuple(weight.shape) != cfg.shape:
+            raise ValueError(f"expected a weight of shape {cfg.shape}, got {tuple(weight.shape)}")
+        work_dtype = torch.float32 if weight.device.type == "mps" else torch.float64
+        matrix = to_matrix(weight.detach(), cfg.layout).to(work_dtype)
+        radius = self.sphere_radius()
+        if isinstance(radius, Tensor):
+            radius = radius.to(work_dtype)
+        norms = sphere_norm(matrix, cfg.sphere)
+        if not matrix.is_meta and not bool(torch.all(torch.isfinite(norms) & (norms > 0))):
+            raise ValueError(
+                f"the weight has a {'matrix' if cfg.sphere == 'flat' else cfg.sphere} of norm "
+                "zero (or a non-finite value), so it has no direction to keep; initialise "
+                "it to non-zero values first, or leave the layer out with exclude="
+            )
+        scale = norms / radius
+        direction = matrix / scale
+        mags, leftover = _absorb(scale, cfg.gains, cfg.sphere, cfg.matrix_shape)
+        if self.start_on_sphere:
+            mags = {role: torch.ones_like(m) for role, m in mags.items()}
+        elif not matrix.is_meta:
+            err = float((leftover - 1).abs().max())
+            if err > _PRESERVE_TOL:
+                raise ValueError(
+                    f"gains={cfg.gains!r} cannot take up the norm that the {cfg.sphere!r} "
+                    f"sphere removes from this weight (off by {err:.2e} relative), so the "
+                    "fused weight would not equal it. Use gains that cover the sphere's "
+                    "units (flat: any but 'none'; row: 'rowcol' or 'row'; col: 'rowcol' "
+                    "or 'col'), or radius='init' so that D keeps the weight's own norm, "
+                    "or init='sphere' to start from the projected weight instead"
+                )
+        dtype, device = weight.dtype, weight.device
+        originals = [from_matrix(direction, cfg.layout, cfg.shape).to(dtype)]
+        for role in cfg.roles[1:]:
+            originals.append(invert_gain_map(mags[role], cfg.gain_map).to(dtype).contiguous())
+        return tuple(t.to(device).contiguous() for t in originals)
+
+    def neutral_gains(self) -> tuple[Tensor, ...]:
+        """Raw gains with phi = 1 (the paper's start), on the CPU in fp32."""
+        value = neutral_raw_gain(self.config.gain_map)
+        return tuple(torch.full(self.config.gain_shape(r), value) for r in self.config.roles[1:])
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        radius = "per-unit" if cfg.radius is None else f"{cfg.radius:.4g}"
+        return (
+            f"gains={cfg.gains}, sphere={cfg.sphere}, radius={radius}, "
+            f"gain_map={cfg.gain_map}, layout={cfg.layout}"
+        )

@@ -1,0 +1,483 @@
+"""Putting the parametrization on a module tree, finding it again, taking it off."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .adapters import adapter_for
+from .maps import GAIN_MAPS
+from .parametrization import GAINS, MagnitudeDirection, MDConfig, can_absorb
+from .sphere import RADIUS_POLICIES, SPHERES, resolve_radius
+from .views import matrix_shape, to_matrix
+
+__all__ = [
+    "Registered",
+    "register",
+    "registered",
+    "reinitialize",
+    "remove",
+]
+
+INITS = ("preserve", "sphere")
+TIED = ("skip", "share", "error")
+
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One parametrized tensor: where it lives and how it is parametrized."""
+
+    name: str  # qualified tensor name, e.g. "blocks.0.attn.q.weight"
+    module: nn.Module
+    tensor_name: str
+    parametrization: MagnitudeDirection
+
+    @property
+    def originals(self) -> tuple[Tensor, ...]:
+        plist = self.module.parametrizations[self.tensor_name]
+        return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+    @property
+    def direction(self) -> nn.Parameter:
+        return self.module.parametrizations[self.tensor_name].original0
+
+    @property
+    def gains(self) -> tuple[nn.Parameter, ...]:
+        return self.originals[1:]
+
+    @property
+    def config(self) -> MDConfig:
+        return self.parametrization.config
+
+
+def _ours(module: nn.Module, tensor_name: str) -> MagnitudeDirection | None:
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    first = module.parametrizations[tensor_name][0]
+    return first if isinstance(first, MagnitudeDirection) else None
+
+
+def registered(model: nn.Module) -> list[Registered]:
+    """Every tensor of ``model`` that carries the MD parametrization, in module order.
+
+    Names are qualified from ``model`` (so a compiled model's names start with
+    ``_orig_mod.``). A tensor shared by several modules (``tied="share"``)
+    appears once per module.
+    """
+    out = []
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if not parametrize.is_parametrized(mod):
+            continue
+        for tensor_name in mod.parametrizations:
+            p = _ours(mod, tensor_name)
+            if p is not None:
+                name = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
+                out.append(Registered(name, mod, tensor_name, p))
+    return out
+
+
+def _as_matcher(selector: Selector, what: str) -> Callable[[str, str, nn.Module], bool] | None:
+    if selector is None:
+        return None
+    if callable(selector):
+        return lambda mod_name, tensor_qualname, mod: bool(selector(mod_name, mod))
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"{what} must be a glob string, a list of glob strings or a predicate "
+            f"(name, module) -> bool, got {selector!r}"
+        )
+    return lambda mod_name, tensor_qualname, mod: any(
+        fnmatch.fnmatchcase(mod_name, p) or fnmatch.fnmatchcase(tensor_qualname, p)
+        for p in patterns
+    )
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name}={value!r}; choose one of {choices}")
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise RuntimeError(
+            "mdparam.register got a compiled model (torch.compile wraps it in _orig_mod). "
+            "Register first, then compile: mdparam.register(model); "
+            "model = torch.compile(model)"
+        )
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        FSDPModule = ()  # noqa: N806
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        DTensor = ()  # noqa: N806
+    for name, mod in model.named_modules():
+        if (FSDPModule and isinstance(mod, FSDPModule)) or any(
+            DTensor and isinstance(p, DTensor) for p in mod.parameters(recurse=False)
+        ):
+            raise RuntimeError(
+                f"mdparam.register: module {name or '<root>'!r} is already sharded by FSDP2 "
+                "(fully_shard). The supported order is register -> fully_shard -> optimizer "
+                "-> Retraction: call mdparam.register on the model before fully_shard"
+            )
+        if getattr(mod, "_compiled_call_impl", None) is not None:
+            raise RuntimeError(
+                f"mdparam.register: module {name or '<root>'!r} was compiled in place "
+                "(module.compile()). Register first, then compile"
+            )
+
+
+def _tie_map(model: nn.Module) -> dict[int, list[str]]:
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    return holders
+
+
+def _split(qualname: str) -> tuple[str, str]:
+    mod_name, _, tensor_name = qualname.rpartition(".")
+    return mod_name, tensor_name
+
+
+def register(
+    model: nn.Module,
+    *,
+    gains: str = "rowcol",
+    sphere: str = "flat",
+    radius: str | float = "shape",
+    gain_map: str = "softplus",
+    include: Selector = None,
+    exclude: Selector = None,
+    init: str = "preserve",
+    tied: str = "skip",
+) -> list[str]:
+    """Parametrize every nn.Linear of ``model`` as W = diag(phi(r)) . D . diag(phi(c)), in place.
+
+    Register before building the optimizer (the originals are new Parameters),
+    before ``torch.compile`` and before FSDP2's ``fully_shard``.
+
+    Args:
+        model: any nn.Module tree.
+        gains: ``"rowcol"`` (per-row and per-column gains, the paper's best),
+            ``"row"``, ``"col"``, ``"scalar"`` (one per matrix) or ``"none"``
+            (a pure sphere, as Hyperball/HyperP).
+        sphere: ``"flat"`` (||D||_F = R), ``"row"`` or ``"col"`` (each row or
+            column on its own sphere).
+        radius: ``"shape"``, ``"init"`` or a positive number; see
+            :mod:`mdparam.sphere` for what each means on each sphere.
+        gain_map: phi, the map from raw gain to magnitude: ``"softplus"``,
+            ``"identity"`` or ``"exp"``.
+        include: which layers to take among the supported ones: a glob on the
+            module's or the tensor's qualified name (``"blocks.*.attn.*"``), a
+            list of globs, or a predicate ``(name, module) -> bool``.
+            None takes them all.
+        exclude: same forms; matched layers are left plain.
+        init: ``"preserve"`` (the model computes the same function right
+            after registration: D is the projected weight and the gains take
+            up its norm) or ``"sphere"`` (the paper's start: D is the
+            projected weight, every phi(gain) = 1).
+        tied: what to do with a weight that is the same Parameter as another
+            one (an output head tied to the embedding). ``"skip"`` (default)
+            leaves it plain and warns; ``"share"`` parametrizes every holder
+            with the same direction and gains, so the tie survives (the
+            embedding then also uses the fused matrix); ``"error"`` raises.
+
+    Returns:
+        The qualified names of the tensors now parametrized.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        >>> x = torch.randn(3, 8)
+        >>> before = model(x)
+        >>> mdparam.register(model)
+        ['0.weight', '2.weight']
+        >>> torch.allclose(model(x), before, atol=1e-6)
+        True
+    """
+    _check_choice(gains, "gains", GAINS)
+    _check_choice(sphere, "sphere", SPHERES)
+    _check_choice(gain_map, "gain_map", GAIN_MAPS)
+    _check_choice(init, "init", INITS)
+    _check_choice(tied, "tied", TIED)
+    if isinstance(radius, str):
+        _check_choice(radius, "radius", RADIUS_POLICIES)
+    else:
+        resolve_radius(radius, torch.empty(1, 1, device="meta"), sphere)  # validates the number
+    if init == "preserve" and radius != "init" and not can_absorb(gains, sphere):
+        raise ValueError(
+            f"init='preserve' keeps the model's function, but gains={gains!r} cannot take up "
+            f"the norm that the {sphere!r} sphere removes. Use gains that cover the sphere's "
+            "units (flat: any but 'none'; row: 'rowcol' or 'row'; col: 'rowcol' or 'col'), "
+            "radius='init' (D keeps the weight's own norm), or init='sphere' (the paper's start)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mdparam.register needs an nn.Module, got {type(model).__name__}")
+    _check_not_wrapped(model)
+    include_fn = _as_matcher(include, "include")
+    exclude_fn = _as_matcher(exclude, "exclude")
+
+    # 1. Select: (qualified tensor name, module, tensor name, layout).
+    supported, selected = [], []
+    for mod_name, mod in model.named_modules():
+        adapter = adapter_for(mod)
+        if adapter is None:
+            continue
+        for tensor_name, layout in adapter.tensors:
+            qual = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
+            supported.append(qual)
+            if include_fn is not None and not include_fn(mod_name, qual, mod):
+                continue
+            if exclude_fn is not None and exclude_fn(mod_name, qual, mod):
+                continue
+            selected.append((qual, mod, tensor_name, layout))
+    if not selected:
+        if not supported:
+            raise ValueError(
+                f"mdparam.register found no supported layer (nn.Linear) in {type(model).__name__}; "
+                "nothing to parametrize"
+            )
+        shown = ", ".join(supported[:6]) + (", ..." if len(supported) > 6 else "")
+        raise ValueError(
+            f"mdparam.register: no layer matched include={include!r} exclude={exclude!r}. "
+            f"Patterns are globs on qualified names; supported layers here: {shown}"
+        )
+
+    # 2. Check every selected tensor before touching anything.
+    for qual, mod, tensor_name, _ in selected:
+        if _ours(mod, tensor_name) is not None:
+            raise RuntimeError(
+                f"mdparam.register: {qual!r} is already registered. Call mdparam.remove(model) "
+                "first to start over, or exclude it"
+            )
+        if parametrize.is_parametrized(mod, tensor_name):
+            raise RuntimeError(
+                f"mdparam.register: {qual!r} already carries another parametrization "
+                f"({type(mod.parametrizations[tensor_name][0]).__name__}); remove it first "
+                "or exclude this layer"
+            )
+        t = getattr(mod, tensor_name)
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(
+                f"mdparam.register: {qual!r} has dtype {getattr(t, 'dtype', type(t))}, not a "
+                "floating-point tensor (quantized layer?); exclude it"
+            )
+        if t.numel() == 0:
+            raise ValueError(
+                f"mdparam.register: {qual!r} is empty (shape {tuple(t.shape)}); exclude it"
+            )
+    for qual, mod, tensor_name, layout in selected:
+        t = getattr(mod, tensor_name)
+        try:
+            matrix_shape(t.shape, layout)
+        except ValueError as e:
+            raise ValueError(
+                f"mdparam.register: {qual!r} has shape {tuple(t.shape)}, not a matrix as "
+                f"layout {layout!r} needs ({e}); exclude it"
+            ) from None
+
+    # 3. Tied weights.
+    holders = _tie_map(model)
+    plan: list[tuple[str, nn.Module, str, str]] = []
+    skipped: list[str] = []
+    planned_ids: set[int] = set()
+    for qual, mod, tensor_name, layout in selected:
+        t = getattr(mod, tensor_name)
+        names = holders.get(id(t), [qual])
+        if len(names) == 1:
+            plan.append((qual, mod, tensor_name, layout))
+            continue
+        if tied == "error":
+            raise RuntimeError(
+                f"mdparam.register: {qual!r} is tied to {[n for n in names if n != qual]} "
+                "(same Parameter). Pass tied='skip' to leave it plain or tied='share' to "
+                "parametrize all holders together"
+            )
+        if tied == "skip":
+            skipped.append(f"{qual} (tied to {', '.join(n for n in names if n != qual)})")
+            continue
+        if id(t) in planned_ids:
+            continue
+        planned_ids.add(id(t))
+        for holder in names:
+            mod_name, tname = _split(holder)
+            hmod = model.get_submodule(mod_name)
+            if parametrize.is_parametrized(hmod, tname):
+                raise RuntimeError(
+                    f"mdparam.register: tied holder {holder!r} is already parametrized"
+                )
+            plan.append((holder, hmod, tname, layout))
+    if skipped:
+        warnings.warn(
+            "mdparam.register left out tied weights, which stay plain and tied: "
+            + "; ".join(skipped)
+            + ". To decouple them too, pass tied='share' (every holder then uses one "
+            "direction and one set of gains)",
+            stacklevel=2,
+        )
+    if not plan:
+        raise ValueError(
+            "mdparam.register: every matched layer is tied to another tensor and was left out; "
+            "pass tied='share' to parametrize tied weights"
+        )
+
+    # 4. Register; on any failure put back what was already done.
+    done: list[tuple[nn.Module, str, nn.Parameter]] = []
+    first_holder: dict[int, tuple[nn.Module, str]] = {}
+    try:
+        for qual, mod, tensor_name, layout in plan:
+            original = getattr(mod, tensor_name)
+            lead = first_holder.get(id(original))
+            try:
+                _register_one(mod, tensor_name, layout, gains, sphere, radius, gain_map, init)
+            except ValueError as e:
+                raise ValueError(f"mdparam.register: {qual!r}: {e}") from None
+            done.append((mod, tensor_name, original))
+            if lead is None:
+                first_holder[id(original)] = (mod, tensor_name)
+            else:  # tied="share": point this holder at the first holder's originals
+                lead_list = lead[0].parametrizations[lead[1]]
+                this_list = mod.parametrizations[tensor_name]
+                for i in range(lead_list.ntensors):
+                    setattr(this_list, f"original{i}", getattr(lead_list, f"original{i}"))
+    except BaseException:
+        for mod, tensor_name, original in reversed(done):
+            _unparametrize(mod, tensor_name, original)
+        raise
+    return [qual for qual, *_ in plan]
+
+
+def _register_one(
+    mod: nn.Module,
+    tensor_name: str,
+    layout: str,
+    gains: str,
+    sphere: str,
+    radius: str | float,
+    gain_map: str,
+    init: str,
+) -> None:
+    weight = getattr(mod, tensor_name)
+    matrix = to_matrix(weight.detach(), layout)
+    r = resolve_radius(radius, matrix, sphere)
+    config = MDConfig(
+        gains=gains,
+        sphere=sphere,
+        gain_map=gain_map,
+        layout=layout,
+        shape=tuple(weight.shape),
+        radius=r if isinstance(r, float) else None,
+    )
+    param = MagnitudeDirection(config, None if isinstance(r, float) else r.to(weight.dtype))
+    param.start_on_sphere = init == "sphere"
+    try:
+        parametrize.register_parametrization(mod, tensor_name, param)
+    finally:
+        param.start_on_sphere = False
+
+
+def _unparametrize(mod: nn.Module, tensor_name: str, value: Tensor) -> None:
+    """Replace a parametrized tensor by ``value`` without touching the injected class.
+
+    torch's remove_parametrizations deletes the property from the injected
+    class, which a deepcopy shares with its original; switching the instance
+    back to its base class leaves the shared class alone.
+    """
+    if len(mod.parametrizations) == 1:
+        base = mod.__class__.__bases__[0]
+        delattr(mod, "parametrizations")
+        mod.__class__ = base
+    else:
+        delattr(mod.__class__, tensor_name)
+        del mod.parametrizations[tensor_name]
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(tensor_name, value)
+    else:
+        mod.register_buffer(tensor_name, value)
+
+
+def remove(model: nn.Module) -> list[str]:
+    """Fuse every MD-parametrized tensor back into a plain Parameter, in place.
+
+    Tensors tied with ``tied="share"`` become one shared plain Parameter again.
+    The new Parameters are not in any existing optimizer: call this after
+    training, or rebuild the optimizer.
+
+    Returns:
+        The qualified names of the tensors that were fused.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> mdparam.remove(model)
+        ['0.weight']
+        >>> type(model[0]).__name__, sorted(n for n, _ in model.named_parameters())
+        ('Linear', ['0.bias', '0.weight'])
+    """
+    entries = registered(model)
+    plain_for: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        fused = [
+            (e, e.direction, getattr(e.module, e.tensor_name).detach().clone()) for e in entries
+        ]
+    for e, direction, value in fused:
+        shared = plain_for.get(id(direction))
+        if shared is None:
+            shared = nn.Parameter(value, requires_grad=direction.requires_grad)
+            plain_for[id(direction)] = shared
+        _unparametrize(e.module, e.tensor_name, shared)
+    return [e.name for e in entries]
+
+
+def reinitialize(model: nn.Module, fn: Callable[[nn.Module], None] | None = None) -> list[str]:
+    """Run an initialisation on a registered model so that it takes effect.
+
+    ``nn.Linear.reset_parameters()`` (and any ``init.normal_(m.weight)``) on a
+    parametrized module writes into a freshly computed temporary and changes
+    nothing. This runs the initialisation against the fused weights held in
+    ``parametrize.cached()``, then assigns each result back through the
+    parametrization (D projected, gains taking up the norm).
+
+    Args:
+        model: a registered model.
+        fn: called as ``model.apply(fn)``; None calls ``reset_parameters()``
+            on every module that has one.
+
+    This is also the meta-device path: build on ``"meta"``, ``register``,
+    ``model.to_empty(device=...)``, then ``reinitialize(model)``.
+
+    Example:
+        >>> import torch, mdparam
+        >>> with torch.device("meta"):
+        ...     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = mdparam.register(model)
+        >>> _ = model.to_empty(device="cpu")
+        >>> _ = mdparam.reinitialize(model)
+        >>> bool(torch.isfinite(model(torch.randn(2, 8))).all())
+        True
+    """
+    entries = registered(model)
+    with torch.no_grad(), parametrize.cached():
+        if fn is None:
+            for mod in model.modules():
+                reset = getattr(mod, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        else:
+            model.apply(fn)
+        values = [getattr(e.module, e.tensor_name).detach().clone() for e in entries]
+    with torch.no_grad():
+        for e, value in zip(entries, values):
+            setattr(e.module, e.tensor_name, value)
+    return [e.name for e in entries]

@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pytest
+import torch
+
+from examples.gpt import GPT, GPTConfig
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: relative to the output's scale, not per element."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def tiny_gpt(tie_head: bool = False, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_head=tie_head)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def byte_batches(n_batches: int, batch: int, block: int, seed: int = 0):
+    """Byte-level batches from a Python standard-library source file (a real text task)."""
+    import inspect
+    import json.decoder as src
+
+    data = torch.tensor(list(inspect.getsource(src).encode()), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        ix = torch.randint(len(data) - block - 1, (batch,), generator=g)
+        x = torch.stack([data[i : i + block] for i in ix])
+        y = torch.stack([data[i + 1 : i + block + 1] for i in ix])
+        yield x, y
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

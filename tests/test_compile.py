@@ -1,0 +1,58 @@
+"""torch.compile on a registered model: one graph, no breaks, no recompiles.
+
+Cold compiles cost seconds on 2 cores, so this file compiles one tiny GPT once.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import byte_batches, tiny_gpt
+from torch._dynamo.utils import counters
+
+import mdparam
+from mdparam.sphere import sphere_norm
+
+
+@pytest.mark.slow
+def test_compiled_training_has_no_graph_breaks_and_no_recompiles():
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=1e-2, other_lr=3e-3))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 40)
+    retract = mdparam.Retraction(model)  # compiled
+    retract.attach(opt)
+    compiled = torch.compile(model, fullgraph=True)
+
+    losses, lrs = [], []
+    batches = byte_batches(24, 4, 32)
+
+    def step():
+        x, y = next(batches)
+        loss = torch.nn.functional.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        lrs.append(opt.param_groups[0]["lr"])
+
+    for _ in range(2):  # warm-up: forward+backward graph and the retraction graph
+        step()
+    frames_after_warmup = counters["stats"]["unique_graphs"]
+    assert frames_after_warmup >= 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(22):
+            step()
+            for d, sphere, radius in zip(retract.directions, retract._spheres, retract._radii):
+                assert (
+                    float((sphere_norm(d.detach(), sphere) - radius).abs().max()) <= 1e-5 * radius
+                )
+    assert counters["stats"]["unique_graphs"] == frames_after_warmup
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(set(lrs)) == len(lrs)  # the LR really changed every step
+    assert sum(losses[-5:]) < sum(losses[:5])
+    # The compiled model computes what the eager one does.
+    x, _ = next(byte_batches(1, 2, 32, seed=5))
+    assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)

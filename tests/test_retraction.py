@@ -1,0 +1,91 @@
+import pytest
+import torch
+from torch import nn
+
+import mdparam
+
+
+def test_retraction_restores_every_sphere_kind():
+    for sphere in ("flat", "row", "col"):
+        model = nn.Sequential(nn.Linear(12, 7), nn.Linear(7, 20))
+        mdparam.register(model, sphere=sphere)
+        retract = mdparam.Retraction(model, compile=False)
+        with torch.no_grad():
+            for d in retract.directions:
+                d.mul_(torch.rand_like(d) + 0.5)
+        retract()
+        for e in mdparam.registered(model):
+            d = e.direction.detach()
+            r = e.parametrization.sphere_radius()
+            if sphere == "flat":
+                assert float(d.norm()) == pytest.approx(r, rel=1e-6)
+            else:
+                dim = 1 if sphere == "row" else 0
+                assert torch.allclose(
+                    d.norm(dim=dim), torch.full((d.shape[1 - dim],), r), rtol=1e-6
+                )
+
+
+def test_bf16_directions_are_retracted_in_fp32():
+    lin = nn.Linear(256, 256).bfloat16()
+    mdparam.register(lin)
+    retract = mdparam.Retraction(lin, compile=False)
+    d = lin.parametrizations.weight.original0
+    with torch.no_grad():
+        d.mul_(1.37)
+    retract()
+    assert d.dtype == torch.bfloat16
+    assert float(d.detach().float().norm()) == pytest.approx(
+        16.0, rel=2e-3
+    )  # bf16 rounding of each element
+
+
+def test_zero_or_nonfinite_direction_is_left_alone_and_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    mdparam.register(model)
+    retract = mdparam.Retraction(model, compile=False)
+    with torch.no_grad():
+        retract.directions[0].mul_(3.0)
+        retract.directions[1].zero_()
+        retract.directions[2][0, 0] = float("inf")
+    with pytest.raises(
+        mdparam.RetractionError, match=r"'1\.weight', '2\.weight'.*lower the learning rate"
+    ):
+        retract()
+    assert float(retract.directions[0].norm()) == pytest.approx(2.0)  # the good one was retracted
+    assert torch.count_nonzero(retract.directions[1]) == 0  # not NaN
+    assert not torch.isnan(retract.directions[2]).any()
+
+
+def test_unchecked_retraction_skips_bad_directions_silently():
+    lin = nn.Linear(4, 4)
+    mdparam.register(lin)
+    retract = mdparam.Retraction(lin, compile=False, check=False)
+    with torch.no_grad():
+        retract.directions[0].zero_()
+    retract()
+    assert torch.count_nonzero(retract.directions[0]) == 0
+
+
+def test_attach_refuses_an_optimizer_without_directions():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    mdparam.register(model)
+    opt = torch.optim.AdamW(model[1].parameters())
+    with pytest.raises(ValueError, match="holds none of the model's directions"):
+        mdparam.Retraction(model).attach(opt)
+
+
+def test_attach_handle_detaches():
+    lin = nn.Linear(4, 4)
+    mdparam.register(lin)
+    opt = torch.optim.SGD(mdparam.param_groups(lin, lr=1.0))
+    handle = mdparam.Retraction(lin, compile=False).attach(opt)
+    handle.remove()
+    lin(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert float(lin.parametrizations.weight.original0.norm()) != pytest.approx(2.0)
+
+
+def test_retraction_needs_a_registered_model():
+    with pytest.raises(ValueError, match="call\n?.*mdparam.register"):
+        mdparam.Retraction(nn.Linear(3, 3))
