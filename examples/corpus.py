@@ -27,7 +27,9 @@ class Corpus:
     files: int
     source: str
 
-    def batch(self, split: str, batch: int, block: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def batch(
+        self, split: str, batch: int, block: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         data = self.train if split == "train" else self.val
         ix = torch.randint(len(data) - block - 1, (batch,), generator=generator)
         chunk = torch.stack([data[i : i + block + 1] for i in ix.tolist()]).long()

@@ -20,20 +20,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mdparam  # noqa: E402
-from examples.corpus import load_corpus  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+import mdparam
+from examples.corpus import load_corpus
+from examples.gpt import GPT, GPTConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=None, help="direction LR (MD) or matrix LR (baseline)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="direction LR (MD) or matrix LR (baseline)"
+    )
     p.add_argument("--gain-lr", type=float, default=1e-2)
     p.add_argument("--other-lr", type=float, default=3e-3)
     p.add_argument("--baseline", action="store_true", help="plain AdamW, no mdparam")
@@ -55,7 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         lr = args.lr or 2e-2
         mdparam.register(model)
-        opt = torch.optim.AdamW(mdparam.param_groups(model, lr=lr, gain_lr=args.gain_lr, other_lr=args.other_lr))
+        opt = torch.optim.AdamW(
+            mdparam.param_groups(model, lr=lr, gain_lr=args.gain_lr, other_lr=args.other_lr)
+        )
         mdparam.Retraction(model, compile=not args.no_compile).attach(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
     step_model = model if args.no_compile else torch.compile(model, fullgraph=True)
@@ -71,10 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {losses[-1]:.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {losses[-1]:.4f}  {time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
     with torch.no_grad():
         val_gen = torch.Generator().manual_seed(1234)
-        val = sum(model.loss(*corpus.batch("val", 16, args.block, val_gen)).item() for _ in range(8)) / 8
+        val = (
+            sum(model.loss(*corpus.batch("val", 16, args.block, val_gen)).item() for _ in range(8))
+            / 8
+        )
     summary = {
         "method": "baseline" if args.baseline else "md",
         "final_train_loss": sum(losses[-10:]) / min(10, len(losses)),
