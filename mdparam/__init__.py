@@ -10,6 +10,7 @@ by any torch.optim optimizer.
     mdparam.Retraction(model).attach(opt)
 """
 
+from .checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
 from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
 from .parametrization import MagnitudeDirection, MDConfig, fuse
 from .register import Registered, register, registered, reinitialize, remove
@@ -25,12 +26,17 @@ __all__ = [
     "RetractionError",
     "__version__",
     "fuse",
+    "load_plain",
+    "load_training",
     "muon_optimizers",
     "muon_param_groups",
     "param_groups",
+    "plain_state_dict",
     "register",
     "registered",
     "reinitialize",
     "remove",
+    "save_plain",
+    "save_training",
     "split_params",
 ]

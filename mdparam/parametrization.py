@@ -104,28 +104,29 @@ class MDConfig:
         )
 
 
-def _fuse_matrix(
-    direction: Tensor, raw_gains: tuple[Tensor, ...], gains: str, gain_map: str
-) -> Tensor:
+def _magnitudes(raw_gains: tuple[Tensor, ...], gains: str, gain_map: str) -> tuple[Tensor, ...]:
+    """Gain magnitudes shaped to broadcast against the matrix, row factor first."""
     if gains == "none":
-        return direction
+        return ()
     if gains == "rowcol":
         row, col = raw_gains
-        row_mag = apply_gain_map(row, gain_map).unsqueeze(-1)
-        col_mag = apply_gain_map(col, gain_map).unsqueeze(-2)
-        return row_mag * direction * col_mag
+        return apply_gain_map(row, gain_map).unsqueeze(-1), apply_gain_map(col, gain_map).unsqueeze(
+            -2
+        )
     (raw,) = raw_gains
     mag = apply_gain_map(raw, gain_map)
-    if gains == "col":
-        return direction * mag.unsqueeze(-2)
-    return mag.unsqueeze(-1) * direction  # row: (.., d_out, 1); scalar: (.., 1, 1)
+    # col: (.., 1, d_in); row: (.., d_out, 1); scalar: (.., 1, 1)
+    return (mag.unsqueeze(-2),) if gains == "col" else (mag.unsqueeze(-1),)
 
 
-def fuse(direction: Tensor, raw_gains: tuple[Tensor, ...], config: MDConfig) -> Tensor:
+def fuse(
+    direction: Tensor, raw_gains: tuple[Tensor, ...], config: MDConfig, *, inplace: bool = False
+) -> Tensor:
     """W = diag(phi(r)) . D . diag(phi(c)) in the tensor's stored layout.
 
     ``direction`` has the stored shape; ``raw_gains`` are in the order of
-    ``config.roles[1:]``.
+    ``config.roles[1:]``. ``inplace=True`` writes the result into
+    ``direction`` (outside autograd, to save memory).
 
     Example:
         >>> import torch
@@ -136,8 +137,10 @@ def fuse(direction: Tensor, raw_gains: tuple[Tensor, ...], config: MDConfig) -> 
                 [2., 2., 6.]])
     """
     matrix = to_matrix(direction, config.layout)
-    fused = _fuse_matrix(matrix, tuple(raw_gains), config.gains, config.gain_map)
-    return from_matrix(fused, config.layout, config.shape)
+    for mag in _magnitudes(tuple(raw_gains), config.gains, config.gain_map):
+        # Elementwise products round the same in place or not: both paths agree bitwise.
+        matrix = matrix.mul_(mag) if inplace else matrix * mag
+    return from_matrix(matrix, config.layout, config.shape)
 
 
 def _absorb(

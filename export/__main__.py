@@ -1,0 +1,3 @@
+from .convert import main
+
+raise SystemExit(main())

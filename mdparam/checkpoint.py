@@ -1,0 +1,369 @@
+"""Checkpoints of a registered model: plain (fused) exports and training states.
+
+- :func:`plain_state_dict` / :func:`save_plain`: fused weights under the names
+  the original architecture has; loads with ``strict=True`` into a model that
+  never saw mdparam.
+- :func:`load_plain`: a plain checkpoint (say, pretrained weights) into a
+  registered model, which then computes what the plain weights compute.
+- :func:`save_training` / :func:`load_training`: the registered model's own
+  state (directions, raw gains, the rest), with each parametrized tensor's
+  configuration in the header, so ``python -m export`` can fuse the file
+  without the model.
+
+Fused weights are built from the state dict (never by removing
+parametrizations), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint_format import (
+    FusedSpec,
+    check_kind,
+    fuse_spec,
+    parse_training_metadata,
+    plain_metadata,
+    plain_plan,
+    training_metadata,
+)
+from .register import registered
+from .safetensors_io import (
+    CheckpointReader,
+    atomic_path,
+    pack_shards,
+    write_file,
+    write_sharded,
+)
+
+__all__ = [
+    "load_plain",
+    "load_training",
+    "plain_state_dict",
+    "save_plain",
+    "save_training",
+]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside torch.compile / DDP / DataParallel wrappers."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _clean(key: str) -> str:
+    """A state key without torch.compile's ``_orig_mod`` segments (per-block compile)."""
+    return ".".join(p for p in key.split(".") if p != "_orig_mod")
+
+
+def _full(t: Tensor) -> Tensor:
+    """A whole local tensor: DTensor shards are gathered (a collective on every rank)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+@dataclass
+class _State:
+    """A registered model's state under clean names, read lazily."""
+
+    keys: list[str]
+    tensors: dict[str, Tensor]  # clean key -> live tensor (Parameter or buffer)
+    specs: dict[str, FusedSpec]
+    entries: dict[str, list]  # plain name -> Registered entries holding it
+
+    def get(self, key: str) -> Tensor:
+        return _full(self.tensors[key].detach())
+
+
+def _state(model: nn.Module, what: str) -> _State:
+    inner = _unwrap(model)
+    entries = registered(inner)
+    if not entries:
+        raise ValueError(
+            f"mdparam.{what}: the model has no MD-parametrized tensor. Call "
+            "mdparam.register(model) first (for a plain model use load_state_dict or "
+            "safetensors.torch.save_model directly)"
+        )
+    live = inner.state_dict(keep_vars=True)
+    tensors = {_clean(k): v for k, v in live.items()}
+    specs: dict[str, FusedSpec] = {}
+    by_name: dict[str, list] = {}
+    for e in entries:
+        prefix = e.name[: -len(e.tensor_name)]
+        base = f"{prefix}parametrizations.{e.tensor_name}."
+        originals = tuple(_clean(f"{base}original{i}") for i in range(len(e.config.roles)))
+        radius = _clean(f"{base}0.radius") if e.parametrization.radius is not None else None
+        name = _clean(e.name)
+        specs[name] = FusedSpec(name, e.config, originals, radius)
+        by_name.setdefault(name, []).append(e)
+    return _State(list(tensors), tensors, specs, by_name)
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _plain_specs(st: _State, dtype: torch.dtype | None):
+    plan = plain_plan(st.keys, st.specs)
+    specs = []
+    for name, src in plan:
+        if isinstance(src, FusedSpec):
+            d = st.tensors[src.originals[0]]
+            t_dtype = dtype if dtype is not None else d.dtype
+            specs.append((name, t_dtype, src.config.shape))
+        else:
+            t = st.tensors[src]
+            specs.append(
+                (
+                    name,
+                    t.dtype if dtype is None or not t.is_floating_point() else dtype,
+                    tuple(t.shape),
+                )
+            )
+    return plan, specs
+
+
+def _producer(st: _State, plan, dtype: torch.dtype | None) -> Callable[[str], Tensor]:
+    source = dict(plan)
+
+    @torch.no_grad()
+    def produce(name: str) -> Tensor:
+        src = source[name]
+        t = fuse_spec(src, st.get) if isinstance(src, FusedSpec) else st.get(src)
+        return _cast(t, dtype)
+
+    return produce
+
+
+def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Fused weights under plain names, as a model that never saw mdparam has them.
+
+    The model is not changed (this works mid-training). Compiled (``_orig_mod``)
+    and DDP (``module.``) wrappers are seen through. Tensors that are not
+    fused are the model's own (detached), as in ``state_dict()``.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> sorted(mdparam.plain_state_dict(model))
+        ['0.bias', '0.weight']
+        >>> fresh = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> fresh.load_state_dict(mdparam.plain_state_dict(model), strict=True)
+        <All keys matched successfully>
+    """
+    st = _state(model, "plain_state_dict")
+    plan, _ = _plain_specs(st, dtype)
+    produce = _producer(st, plan, dtype)
+    return {name: produce(name) for name, _ in plan}
+
+
+def save_plain(
+    model: nn.Module,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write :func:`plain_state_dict` to a safetensors file, atomically.
+
+    ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``); ``metadata``
+    adds str -> str entries to the header, beside mdparam's own (format,
+    versions, the list of fused tensors). Tied weights are written under
+    every name, so the file loads into a fresh plain model with one line,
+    and the tie survives::
+
+        model.load_state_dict(safetensors.torch.load_file(path), strict=True)
+
+    The file appears only when complete; a crash leaves any previous file at
+    ``path`` as it was. An existing ``path`` is refused unless ``overwrite``.
+    """
+    path = atomic_path(path, overwrite=overwrite)
+    st = _state(model, "save_plain")
+    plan, specs = _plain_specs(st, dtype)
+    fused = [name for name, src in plan if isinstance(src, FusedSpec)]
+    write_file(
+        path,
+        specs,
+        _producer(st, plan, dtype),
+        plain_metadata(fused, metadata),
+        overwrite=overwrite,
+    )
+    return path
+
+
+def save_training(
+    model: nn.Module,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write the registered model's own state, with each tensor's MD configuration.
+
+    ``python -m export`` turns the file into a plain checkpoint without the
+    model; :func:`load_training` resumes from it exactly. With
+    ``max_shard_bytes``, ``path`` is a directory of shards with a
+    ``model.safetensors.index.json``. The optimizer's state is not included:
+    save ``optimizer.state_dict()`` beside it.
+    """
+    st = _state(model, "save_training")
+    meta = training_metadata(st.specs.values(), metadata)
+    specs = [(k, st.tensors[k].dtype, tuple(st.tensors[k].shape)) for k in st.keys]
+    if max_shard_bytes is None:
+        path = atomic_path(path, overwrite=overwrite)
+        write_file(path, specs, st.get, meta, overwrite=overwrite)
+    else:
+        path = Path(path)
+        write_sharded(path, pack_shards(specs, max_shard_bytes), st.get, meta, overwrite=overwrite)
+    return path
+
+
+def _compare_names(expected: list[str], found: list[str], source: str, what: str) -> None:
+    missing = [k for k in expected if k not in set(found)]
+    unexpected = [k for k in found if k not in set(expected)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(f"{source} does not match the model ({'; '.join(parts)}). {what}")
+
+
+def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...], source: str) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(
+            f"{source}: tensor {name!r} has shape {tuple(got)}, the model has {tuple(want)}; "
+            "the checkpoint was made for a different architecture or size"
+        )
+
+
+def load_training(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint written by :func:`save_training` into a registered model.
+
+    The model must be registered with the same layers and options as the one
+    that was saved; everything is checked before anything is copied.
+    """
+    st = _state(model, "load_training")
+    with CheckpointReader(path) as reader:
+        specs = parse_training_metadata(reader.metadata, str(path))
+        _compare_names(
+            list(st.specs),
+            list(specs),
+            str(path),
+            "The parametrized tensors differ: register the model as it was when saved.",
+        )
+        for name, spec in specs.items():
+            mine = st.specs[name].config
+            _check_shape(name, spec.config.shape, mine.shape, str(path))
+            diff = [
+                f"{f}={getattr(spec.config, f)!r} (model: {getattr(mine, f)!r})"
+                for f in ("gains", "sphere", "gain_map", "layout", "radius")
+                if getattr(spec.config, f) != getattr(mine, f)
+            ]
+            if diff:
+                raise ValueError(
+                    f"{path}: {name!r} was saved with {', '.join(diff)}; register the model "
+                    "with the same options as when it was saved"
+                )
+        _compare_names(
+            st.keys,
+            list(reader.entries),
+            str(path),
+            "Build and register the model as it was when saved.",
+        )
+        for k in st.keys:
+            _check_shape(k, reader.entries[k].shape, tuple(st.tensors[k].shape), str(path))
+        with torch.no_grad():
+            for k in st.keys:
+                st.tensors[k].copy_(reader.get(k))
+
+
+def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
+    """Load plain (never-parametrized) weights into a registered model.
+
+    Each fused tensor is split by the parametrization's right inverse (D the
+    projected weight, the gains taking up its norm), so the registered model
+    then computes what the plain weights compute: fine-tuning with MD starts
+    from the pretrained function. ``source`` is a safetensors file, a sharded
+    directory, or an in-memory state dict. Every name and shape is checked,
+    and every split computed, before anything in the model changes.
+
+    Example:
+        >>> import torch, mdparam
+        >>> pretrained = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> mdparam.load_plain(model, pretrained.state_dict())
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(model(x), pretrained(x), atol=1e-6)
+        True
+    """
+    st = _state(model, "load_plain")
+    plan = plain_plan(st.keys, st.specs)
+    label = "the state dict" if isinstance(source, Mapping) else str(source)
+    if isinstance(source, Mapping):
+        reader = None
+        names = list(source)
+        shape_of = {k: tuple(v.shape) for k, v in source.items()}
+        get = lambda k: source[k].detach()  # noqa: E731
+    else:
+        reader = CheckpointReader(source)
+        check_kind(reader.metadata, "plain", label)
+        names = list(reader.entries)
+        shape_of = {k: e.shape for k, e in reader.entries.items()}
+        get = reader.get
+    try:
+        _compare_names(
+            [n for n, _ in plan], names, label, "Is it a checkpoint of this architecture?"
+        )
+        for name, src in plan:
+            want = src.config.shape if isinstance(src, FusedSpec) else tuple(st.tensors[src].shape)
+            _check_shape(name, shape_of[name], want, label)
+        new: list[tuple[Tensor, Tensor]] = []  # (destination, value): computed first, copied last
+        done: dict[int, tuple[str, Tensor]] = {}
+        with torch.no_grad():
+            for name, src in plan:
+                value = get(name)
+                if not isinstance(src, FusedSpec):
+                    new.append((st.tensors[src], value))
+                    continue
+                entry = st.entries[name][0]
+                plist = entry.module.parametrizations[entry.tensor_name]
+                direction = plist.original0
+                if id(direction) in done:  # tied="share": one set of originals
+                    other, before = done[id(direction)]
+                    if not torch.equal(before, value):
+                        raise ValueError(
+                            f"{label}: {name!r} and {other!r} share one direction in this model "
+                            "(tied='share') but differ in the checkpoint"
+                        )
+                    continue
+                done[id(direction)] = (name, value)
+                try:
+                    parts = plist[0].right_inverse(value.to(direction.dtype))
+                except ValueError as e:
+                    raise ValueError(f"{label}: {name!r}: {e}") from None
+                for i, part in enumerate(parts):
+                    new.append((getattr(plist, f"original{i}"), part))
+            for dest, value in new:
+                dest.copy_(value)
+    finally:
+        if reader is not None:
+            reader.close()

@@ -1,0 +1,391 @@
+"""Reading and writing safetensors files one tensor at a time, atomically.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header
+(``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``)
+and the raw tensor bytes. Writing it ourselves lets a converter stream: the
+header is known before any tensor is computed, so each tensor is written as
+soon as it exists and then dropped. Reading with plain file reads (not mmap)
+keeps the process's resident memory at about one tensor.
+
+Files written here load with ``safetensors.torch.load_file``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+INDEX_NAME = "model.safetensors.index.json"
+
+__all__ = [
+    "INDEX_NAME",
+    "CheckpointReader",
+    "SafetensorsFormatError",
+    "TensorEntry",
+    "atomic_path",
+    "pack_shards",
+    "read_header",
+    "read_tensor",
+    "write_file",
+    "write_sharded",
+]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+_CHUNK = 1 << 20
+
+
+class SafetensorsFormatError(ValueError):
+    """The file is not a (complete) safetensors file."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _corrupt(path: Path, why: str) -> SafetensorsFormatError:
+    return SafetensorsFormatError(
+        f"{path} is not a complete safetensors file ({why}); it may be truncated or corrupt: "
+        "re-create it from its source"
+    )
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """The metadata and the tensor entries of a safetensors file, checked for sanity."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _corrupt(path, f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    end_max = 0
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            b, e = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"bad entry for tensor {name!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if e - b != numel * dtype.itemsize or b < 0:
+            raise _corrupt(
+                path, f"tensor {name!r} has {e - b} bytes for shape {shape} {info['dtype']}"
+            )
+        entries[name] = TensorEntry(name, dtype, shape, start + b, start + e)
+        end_max = max(end_max, start + e)
+    if end_max > size:
+        raise _corrupt(path, f"data ends at byte {end_max} but the file has {size}")
+    return dict(metadata), entries
+
+
+def read_tensor(f, entry: TensorEntry, out: Tensor | None = None) -> Tensor:
+    """Read one tensor from an open binary file (a private copy, not a map).
+
+    ``out``, a uint8 buffer of at least ``entry.nbytes``, is filled instead of
+    a fresh allocation (a reused buffer skips the page faults of new memory).
+    """
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else out[: entry.nbytes]
+    f.seek(entry.begin)
+    if entry.nbytes and f.readinto(memoryview(buf.numpy())) != entry.nbytes:
+        raise SafetensorsFormatError(
+            f"{getattr(f, 'name', 'file')}: tensor {entry.name!r} is cut short"
+        )
+    return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Check a destination before anything is written; returns it as a Path."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"the directory of {path} does not exist; create it first (nothing was written)"
+        )
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True (--force on the command line) to replace it"
+        )
+    return path
+
+
+def _write_tensors(f, specs, produce: Callable[[str], Tensor]) -> None:
+    """Write each produced tensor; the next one is produced while this one is written.
+
+    A second thread does the writes (file writes and torch ops both release the
+    GIL). Two slots bound memory to two tensors in flight.
+    """
+    slots = threading.Semaphore(2)
+    jobs: queue.Queue = queue.Queue()
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        while (t := jobs.get()) is not None:
+            try:
+                if t.numel() and not failed:
+                    view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+                    for i in range(0, len(view), _CHUNK):  # small writes copy from cache
+                        f.write(view[i : i + _CHUNK])
+            except BaseException as e:
+                failed.append(e)
+            t = None
+            slots.release()
+
+    thread = threading.Thread(target=writer, name="safetensors-writer", daemon=True)
+    thread.start()
+    try:
+        for name, dtype, shape in specs:
+            slots.acquire()
+            if failed:
+                break
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(
+                    f"tensor {name!r} came out as {t.dtype} {tuple(t.shape)}, "
+                    f"announced as {dtype} {tuple(shape)}"
+                )
+            jobs.put(t.detach().to("cpu").contiguous())
+            del t
+    finally:
+        jobs.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def write_file(
+    path: str | os.PathLike,
+    specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write a safetensors file whose tensors are computed one at a time.
+
+    ``specs`` gives name, dtype and shape of every tensor in file order;
+    ``produce(name)`` is called once per tensor, in that order, and its result
+    is written and released. The file appears at ``path`` only when complete
+    (written to a temporary file in the same directory, flushed, then renamed):
+    an error or a kill midway leaves any previous file at ``path`` untouched.
+    """
+    path = atomic_path(path, overwrite=overwrite)
+    specs = list(specs)
+    header: dict[str, object] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; bad keys: {bad}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in specs:
+        if dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = numel * dtype.itemsize
+        header[name] = {
+            "dtype": _NAMES[dtype],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            _write_tensors(f, specs, produce)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pack_shards(
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int
+) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """Split ``specs`` in order into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        numel = 1
+        for s in spec[2]:
+            numel *= int(s)
+        nbytes = numel * spec[1].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def write_sharded(
+    dirpath: str | os.PathLike,
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]],
+    produce: Callable[[str], Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a sharded checkpoint directory (``model.safetensors.index.json`` + shards).
+
+    The directory appears only when every shard is complete: it is built
+    beside ``dirpath`` under a temporary name, then renamed into place.
+    """
+    import shutil
+
+    dirpath = Path(dirpath)
+    if not dirpath.parent.is_dir():
+        raise FileNotFoundError(
+            f"the directory of {dirpath} does not exist; create it first (nothing was written)"
+        )
+    if dirpath.exists() and not overwrite:
+        raise FileExistsError(
+            f"{dirpath} already exists; pass overwrite=True (--force) to replace it"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.", suffix=".tmp", dir=dirpath.parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        n = len(shards)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            write_file(tmp / fname, shard, produce, metadata)
+            weight_map.update(dict.fromkeys((name for name, *_ in shard), fname))
+        index = {"metadata": dict(metadata or {}), "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if dirpath.exists():
+            old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
+            os.replace(dirpath, old)
+        os.replace(tmp, dirpath)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dirpath.exists():
+            os.replace(old, dirpath)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    return dirpath
+
+
+class CheckpointReader:
+    """Tensors of a safetensors file or a sharded directory, read one at a time."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_dir():
+            index = path / INDEX_NAME
+            if not index.exists():
+                raise FileNotFoundError(
+                    f"{path} is a directory without {INDEX_NAME}; give a .safetensors file or a "
+                    "sharded checkpoint directory"
+                )
+            try:
+                info = json.loads(index.read_text())
+                weight_map = info["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{index} is not a valid index ({e}); re-create the checkpoint"
+                ) from None
+            self.metadata = dict(info.get("metadata") or {})
+            self.files = {}
+            self.entries = {}
+            for shard in dict.fromkeys(weight_map.values()):
+                meta, entries = read_header(path / shard)
+                if not self.metadata:
+                    self.metadata = meta
+                for name, entry in entries.items():
+                    self.files[name] = path / shard
+                    self.entries[name] = entry
+            missing = [k for k in weight_map if k not in self.entries]
+            if missing:
+                raise ValueError(f"{index} lists {missing[0]!r} but its shard does not hold it")
+        else:
+            self.metadata, self.entries = read_header(path)
+            self.files = dict.fromkeys(self.entries, path)
+        self.path = path
+        self._handles: dict[Path, object] = {}
+
+    def get(self, name: str, out: Tensor | None = None) -> Tensor:
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = open(file, "rb")  # noqa: SIM115 (closed in close())
+        return read_tensor(self._handles[file], self.entries[name], out)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
