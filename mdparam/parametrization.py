@@ -137,10 +137,42 @@ def fuse(
                 [2., 2., 6.]])
     """
     matrix = to_matrix(direction, config.layout)
-    for mag in _magnitudes(tuple(raw_gains), config.gains, config.gain_map):
-        # Elementwise products round the same in place or not: both paths agree bitwise.
+    mags = _magnitudes(tuple(raw_gains), config.gains, config.gain_map)
+    if len(mags) == 2 and not inplace and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.layout, config.shape)
+    for mag in mags:
+        # Elementwise products round the same in place or not: every path agrees bitwise.
         matrix = matrix.mul_(mag) if inplace else matrix * mag
     return from_matrix(matrix, config.layout, config.shape)
+
+
+class _ScaleRowsCols(torch.autograd.Function):
+    """(D * a) * b with a backward that makes one matrix-sized temporary, not four.
+
+    Used in eager mode only: autograd's own chain of two broadcasts allocates a
+    temporary per product and reduction, and on the CPU each large allocation
+    costs page faults. Under torch.compile the plain ops are traced instead and
+    inductor fuses them.
+    """
+
+    @staticmethod
+    def forward(ctx, d: Tensor, a: Tensor, b: Tensor) -> Tensor:  # a: (.., o, 1), b: (.., 1, i)
+        ctx.save_for_backward(d, a, b)
+        return torch.mul(d, a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        d, a, b = ctx.saved_tensors
+        need_d, need_a, need_b = ctx.needs_input_grad
+        ga = gb = gd = None
+        if need_a or need_b:
+            p = grad * d
+            ga = p @ b.mT if need_a else None  # sum_j grad_ij d_ij b_j
+            gb = a.mT @ p if need_b else None  # sum_i a_i grad_ij d_ij
+            gd = torch.mul(grad, a, out=p).mul_(b) if need_d else None  # reuse p's memory
+        elif need_d:
+            gd = torch.mul(grad, a).mul_(b)
+        return gd, ga, gb
 
 
 def _absorb(

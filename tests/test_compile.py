@@ -22,7 +22,7 @@ def test_compiled_training_has_no_graph_breaks_and_no_recompiles():
     mdparam.register(model)
     opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=1e-2, other_lr=3e-3))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 40)
-    retract = mdparam.Retraction(model)  # compiled
+    retract = mdparam.Retraction(model, compile=True)  # the compiled path
     retract.attach(opt)
     compiled = torch.compile(model, fullgraph=True)
 

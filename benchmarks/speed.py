@@ -1,0 +1,437 @@
+"""The speed benchmark suite: what MD decoupling costs per step, measured side by side.
+
+    ./run bench                     # everything, both allocator settings (about an hour)
+    ./run bench --sections step     # a subset; see --help
+
+Each section runs in its own process (fresh compile caches, its own peak
+memory), once with the default glibc allocator and once with
+GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296.
+Plain and MD variants run interleaved (A B A B ...) in one process, and the
+reported numbers are ratios of medians. Results: benchmarks/results/speed.json
+and speed.md (the README shows the table).
+
+Workload: the benchmark GPT (6 layers, d=512, untied head, vocab 8192, 27.3M
+parameters), 8 x 128 tokens per step, fp32, AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import BENCH_GPT, ROOT, build_factored, build_pair, interleaved, summary, timed
+
+import mdparam
+
+GLIBC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# --- sections (each runs in a child process) -----------------------------------------
+
+
+def section_pair_child(args: argparse.Namespace) -> dict:
+    """One process: plain and MD steps interleaved, for one variant."""
+    compiled, bf16 = args.mode == "compiled", args.dtype == "bf16"
+    plain, md = build_pair(compiled=compiled, autocast_bf16=bf16, batch=args.batch, seq=args.seq)
+    sides = {"plain": plain.step, "md": md.step}
+    if args.factored:
+        sides["md_factored"] = build_factored(md).step
+    t = interleaved(sides, repeats=args.repeats, warmup=3)
+    out = {k: summary(v) for k, v in t.items()}
+    for k in sides:
+        if k != "plain":
+            out[f"{k}_ratio"] = statistics.median(t[k]) / statistics.median(t["plain"])
+    return out
+
+
+def _pairs(args: argparse.Namespace, variants: list[dict]) -> dict:
+    """Run every variant in ``args.processes`` fresh processes (interleaved); combine."""
+    runs: dict[str, list[dict]] = {v["key"]: [] for v in variants}
+    for _ in range(args.processes):
+        for v in variants:
+            flags = [
+                "--mode",
+                v["mode"],
+                "--dtype",
+                v.get("dtype", "fp32"),
+                "--batch",
+                str(v.get("batch", 8)),
+                "--seq",
+                str(v.get("seq", 128)),
+            ]
+            if v.get("factored"):
+                flags.append("--factored")
+            runs[v["key"]].append(_child(["--section", "pair_child", *flags]))
+    out = {}
+    for key, rs in runs.items():
+        ratios = [r["md_ratio"] for r in rs]
+        out[key] = {
+            "ratio": statistics.median(ratios),
+            "ratio_per_process": ratios,
+            "plain_median_s": statistics.median(r["plain"]["median"] for r in rs),
+            "md_median_s": statistics.median(r["md"]["median"] for r in rs),
+        }
+        if "md_factored_ratio" in rs[0]:
+            out[key]["factored_ratio"] = statistics.median(r["md_factored_ratio"] for r in rs)
+            out[key]["factored_ratio_per_process"] = [r["md_factored_ratio"] for r in rs]
+        print(
+            f"  {key}: ratio {out[key]['ratio']:.3f} {[round(x, 3) for x in ratios]}",
+            file=sys.stderr,
+        )
+    return out
+
+
+def section_step(args: argparse.Namespace) -> dict:
+    """Train-step time, MD / plain, eager and compiled, fp32 and bf16 autocast."""
+    variants = [
+        {"key": f"{mode}_{dtype}", "mode": mode, "dtype": dtype}
+        for mode in ("eager", "compiled")
+        for dtype in ("fp32", "bf16")
+    ]
+    return _pairs(args, variants)
+
+
+def section_small(args: argparse.Namespace) -> dict:
+    """One sequence of 8-64 tokens per call: MD / plain, and a factored forward.
+
+    One process per variant: the ratios here are far from 1, so the spread
+    between processes matters less than in the step section.
+    """
+    variants = [
+        {"key": f"{mode}_{tokens}", "mode": mode, "batch": 1, "seq": tokens, "factored": True}
+        for mode in ("eager", "compiled")
+        for tokens in (8, 16, 32, 64)
+    ]
+    return _pairs(argparse.Namespace(**{**vars(args), "processes": 1}), variants)
+
+
+def section_retraction(args: argparse.Namespace) -> dict:
+    """Retraction time vs a copy of the same tensors (one read + one write per element)."""
+    _, md = build_pair(compiled=True)
+    for _ in range(3):
+        md.step()
+    retract = md.retraction
+    dirs = [d.detach() for d in retract.directions]
+    dsts = [torch.empty_like(d) for d in dirs]
+
+    def copy_all() -> None:
+        for d, o in zip(dirs, dsts):
+            o.copy_(d)
+
+    retract()  # compiled already; warm
+    t = interleaved({"retract": retract, "copy": copy_all}, repeats=args.repeats * 10, warmup=5)
+    steps = interleaved({"md_step": md.step}, repeats=max(5, args.repeats // 2), warmup=1)
+    numel = sum(d.numel() for d in dirs)
+    nbytes = 8 * numel  # fp32: one read and one write per element
+    r, c, s = (
+        statistics.median(t["retract"]),
+        statistics.median(t["copy"]),
+        statistics.median(steps["md_step"]),
+    )
+    return {
+        "direction_elements": numel,
+        "retract": summary(t["retract"]),
+        "copy": summary(t["copy"]),
+        "copy_bandwidth_GBps": nbytes / c / 1e9,
+        "retract_over_bound": r / c,
+        "compiled_md_step": summary(steps["md_step"]),
+        "retract_fraction_of_compiled_step": r / s,
+    }
+
+
+def section_compile_child(args: argparse.Namespace) -> dict:
+    """Cold compile of one variant (run in a fresh process with caches off)."""
+    plain, md = build_pair(compiled=True)
+    side = plain if args.variant == "plain" else md
+    first = timed(side.step)  # forward + backward compile and the first step
+    if side.retraction is not None:
+        side.retraction()  # already compiled by the step's hook
+    rest = statistics.median([timed(side.step) for _ in range(3)])
+    return {"first_step": first, "steady_step": rest, "compile_seconds": first - rest}
+
+
+def section_compile(args: argparse.Namespace) -> dict:
+    """Cold compile time MD / plain: fresh processes, caches off, interleaved."""
+    runs: dict[str, list[float]] = {"plain": [], "md": []}
+    for _ in range(args.compile_repeats):
+        for variant in ("plain", "md"):
+            res = _child(["--section", "compile_child", "--variant", variant], cold=True)
+            runs[variant].append(res["compile_seconds"])
+    return {
+        "plain_seconds": runs["plain"],
+        "md_seconds": runs["md"],
+        "ratio": statistics.median(runs["md"]) / statistics.median(runs["plain"]),
+    }
+
+
+def section_memory_child(args: argparse.Namespace) -> dict:
+    plain, md = build_pair(compiled=args.compiled)
+    side = plain if args.variant == "plain" else md
+    other = md if args.variant == "plain" else plain
+    del other
+    import gc
+
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(5):
+        side.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss": peak, "rss_before_training": before}
+
+
+def section_memory(args: argparse.Namespace) -> dict:
+    """Peak resident memory of 5 training steps, each variant in its own process."""
+    out = {}
+    for mode in ("eager", "compiled"):
+        res = {}
+        for variant in ("plain", "md"):
+            extra = ["--compiled"] if mode == "compiled" else []
+            res[variant] = _child(["--section", "memory_child", "--variant", variant, *extra])
+        out[mode] = {
+            **res,
+            "peak_ratio": res["md"]["peak_rss"] / res["plain"]["peak_rss"],
+            "training_growth_ratio": (res["md"]["peak_rss"] - res["md"]["rss_before_training"])
+            / max(1, res["plain"]["peak_rss"] - res["plain"]["rss_before_training"]),
+        }
+    return out
+
+
+def section_recompiles(args: argparse.Namespace) -> dict:
+    """Graphs compiled over 200 steps with an LR scheduler and the retraction."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _, md = build_pair(compiled=True, sched=True, batch=2, seq=64)
+    for _ in range(2):
+        md.step()
+    after_warmup = counters["stats"]["unique_graphs"]
+    for _ in range(args.recompile_steps):
+        md.step()
+    return {
+        "steps": args.recompile_steps,
+        "graphs_after_warmup": after_warmup,
+        "graphs_at_end": counters["stats"]["unique_graphs"],
+        "recompiles_after_warmup": counters["stats"]["unique_graphs"] - after_warmup,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "lr_changed": md.opt.param_groups[0]["lr"] != 1e-3,
+    }
+
+
+SECTIONS = {
+    "step": section_step,
+    "retraction": section_retraction,
+    "compile": section_compile,
+    "memory": section_memory,
+    "recompiles": section_recompiles,
+    "small": section_small,
+}
+CHILD_ONLY = {
+    "compile_child": section_compile_child,
+    "memory_child": section_memory_child,
+    "pair_child": section_pair_child,
+}
+
+
+# --- driver ----------------------------------------------------------------------------
+
+
+_ENV: dict[str, str] = {}
+
+
+def _child(extra: list[str], cold: bool = False) -> dict:
+    env = {**os.environ, **_ENV, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as cache:
+        if cold:
+            env.update(
+                TORCHINDUCTOR_CACHE_DIR=cache,
+                TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+                TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+            )
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", *extra, *_PASS],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+    sys.stderr.write(
+        out.stderr
+        if out.returncode
+        else "".join(ln + "\n" for ln in out.stderr.splitlines() if ln.startswith("  "))
+    )
+    if out.returncode:
+        raise RuntimeError(f"benchmark child {extra} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_PASS: list[str] = []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument(
+        "--allocators", nargs="*", default=["default", "tuned"], choices=["default", "tuned"]
+    )
+    p.add_argument("--repeats", type=int, default=15, help="timed steps per variant and process")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="fresh processes per variant (ratios vary by process)",
+    )
+    p.add_argument("--compile-repeats", type=int, default=3)
+    p.add_argument("--recompile-steps", type=int, default=200)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--section", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--factored", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.child:
+        fn = {**SECTIONS, **CHILD_ONLY}[args.section]
+        print(json.dumps(fn(args)))
+        return
+    _PASS.extend(
+        [
+            "--processes",
+            str(args.processes),
+            "--repeats",
+            str(args.repeats),
+            "--compile-repeats",
+            str(args.compile_repeats),
+            "--recompile-steps",
+            str(args.recompile_steps),
+        ]
+    )
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "speed.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mdparam": mdparam.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    results["workload"] = {
+        "model": "examples/gpt.py GPT",
+        "config": vars(BENCH_GPT),
+        "parameters": 27_341_312,
+        "tokens_per_step": "8 x 128",
+        "optimizer": "AdamW (plain: weight_decay 0.1, one group; MD: mdparam.param_groups) + mdparam.Retraction",
+        "repeats": args.repeats,
+    }
+    for alloc in args.allocators:
+        _ENV.clear()
+        if alloc == "tuned":
+            _ENV["GLIBC_TUNABLES"] = GLIBC_TUNED
+        for name in args.sections:
+            if alloc == "tuned" and name in ("compile", "recompiles"):
+                continue  # the allocator does not change what is compiled
+            print(f"[{alloc}] {name} ...", file=sys.stderr, flush=True)
+            t0 = time.time()
+            res = (
+                SECTIONS[name](args)
+                if name == "compile" or name == "memory"
+                else _child(["--section", name])
+            )
+            res["seconds"] = round(time.time() - t0, 1)
+            results.setdefault(alloc, {})[name] = res
+            path.write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
+    (out_dir / "speed.md").write_text(render(results))
+    print(render(results))
+
+
+def render(r: dict) -> str:
+    """The Markdown table the README shows."""
+
+    def get(alloc: str, *keys: str) -> str:
+        node = r.get(alloc, {})
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                return "–"
+            node = node[k]
+        return node
+
+    def x(v: object, fmt: str = "{:.3f}x") -> str:
+        return fmt.format(v) if isinstance(v, int | float) else "–"
+
+    rows = [
+        ("train step, eager fp32", ("step", "eager_fp32", "ratio"), "<= 1.05x"),
+        ("train step, compiled fp32", ("step", "compiled_fp32", "ratio"), "<= 1.02x"),
+        ("train step, eager bf16 autocast", ("step", "eager_bf16", "ratio"), ""),
+        ("train step, compiled bf16 autocast", ("step", "compiled_bf16", "ratio"), ""),
+        (
+            "retraction / copy of the same bytes (bandwidth bound)",
+            ("retraction", "retract_over_bound"),
+            "<= 1.1x",
+        ),
+        ("cold compile time", ("compile", "ratio"), "<= 1.2x"),
+        ("peak RSS, eager", ("memory", "eager", "peak_ratio"), ""),
+        ("peak RSS, compiled", ("memory", "compiled", "peak_ratio"), ""),
+    ]
+    lines = [
+        "| MD / plain | default allocator | GLIBC_TUNABLES set | target |",
+        "|---|---|---|---|",
+    ]
+    for label, keys, target in rows:
+        lines.append(
+            f"| {label} | {x(get('default', *keys))} | {x(get('tuned', *keys))} | {target} |"
+        )
+    frac = ("retraction", "retract_fraction_of_compiled_step")
+    lines.append(
+        f"| retraction as a share of a compiled MD step | {x(get('default', *frac), '{:.2%}')} "
+        f"| {x(get('tuned', *frac), '{:.2%}')} | <= 0.5% |"
+    )
+    rec = ("recompiles", "recompiles_after_warmup")
+    lines.append(
+        f"| recompiles after warm-up, {get('default', 'recompiles', 'steps')} steps with LR scheduler + retraction "
+        f"| {get('default', *rec)} | {get('tuned', *rec)} | 0 |"
+    )
+    for mode in ("eager", "compiled"):
+        for what, field in (("MD", "ratio"), ("MD, factored forward", "factored_ratio")):
+            cells = []
+            for alloc in ("default", "tuned"):
+                vals = [get(alloc, "small", f"{mode}_{t}", field) for t in (8, 16, 32, 64)]
+                cells.append(" / ".join(x(v, "{:.2f}") for v in vals))
+            lines.append(
+                f"| train step, {mode}, {what}, 8 / 16 / 32 / 64 tokens per call | {cells[0]} | {cells[1]} | |"
+            )
+    m = r.get("machine", {})
+    bw = get("default", "retraction", "copy_bandwidth_GBps")
+    return (
+        "\n".join(lines)
+        + f"\n\nMachine: {m.get('cpu_count')} cores, {m.get('platform')}, torch {m.get('torch')}, "
+        f"measured {m.get('date')}. Copy bandwidth in the retraction run: {x(bw, '{:.1f} GB/s')}. "
+        "Command: `./run bench` (results in benchmarks/results/speed.json).\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The models, optimizers and training steps the speed benchmarks time.
+
+One place builds both sides of every comparison, so plain and MD differ only
+in ``mdparam.register`` (and what it implies: param groups, retraction).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mdparam  # noqa: E402
+from examples.gpt import GPT, GPTConfig  # noqa: E402
+
+# The benchmark GPT: 6 layers, d=512, untied head; 27.3M parameters.
+BENCH_GPT = GPTConfig(
+    vocab_size=8192, block_size=128, n_layer=6, n_head=8, n_embd=512, tie_head=False
+)
+
+
+@dataclass
+class Side:
+    """One side of a comparison: a model, its optimizer, and a step function."""
+
+    name: str
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: Callable[[], float]
+    retraction: mdparam.Retraction | None = None
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+    compiled: bool = False
+    autocast_bf16: bool = False
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+    compiled: bool = False
+    autocast_bf16: bool = False
+
+
+def build_pair(
+    cfg: GPTConfig = BENCH_GPT,
+    *,
+    compiled: bool,
+    batch: int = 8,
+    seq: int = 128,
+    autocast_bf16: bool = False,
+    seed: int = 0,
+    sched: bool = False,
+) -> tuple[Side, Side]:
+    """A plain and an MD GPT with the same initial function, each with AdamW."""
+    torch.manual_seed(seed)
+    plain = GPT(cfg)
+    md = copy.deepcopy(plain)
+    mdparam.register(md)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
+    y = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
+
+    sides = []
+    for name, model in (("plain", plain), ("md", md)):
+        if name == "plain":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+            retraction = None
+        else:
+            opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-3, gain_lr=1e-3))
+            retraction = mdparam.Retraction(model)
+            retraction.attach(opt)
+        scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
+        )
+        fwd = torch.compile(model, fullgraph=True) if compiled else model
+        step = _make_step(fwd, opt, x, y, autocast_bf16, scheduler)
+        sides.append(Side(name, model, opt, step, retraction, (x, y), compiled, autocast_bf16))
+    return sides[0], sides[1]
+
+
+def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = phi(r) * ((x * phi(c)) @ D^T) + bias: never builds W (rowcol gains only)."""
+    from mdparam.maps import apply_gain_map
+
+    plist = self.parametrizations.weight
+    gain_map = plist[0].config.gain_map
+    a = apply_gain_map(plist.original1, gain_map)
+    b = apply_gain_map(plist.original2, gain_map)
+    y = F.linear(x * b, plist.original0) * a
+    return y if self.bias is None else y + self.bias
+
+
+def build_factored(md: Side) -> Side:
+    """A copy of an MD side whose layers use the factored forward (benchmark-only prototype)."""
+    import types
+
+    model = copy.deepcopy(md.model)
+    for e in mdparam.registered(model):
+        e.module.forward = types.MethodType(_factored_forward, e.module)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-3, gain_lr=1e-3))
+    retraction = mdparam.Retraction(model)
+    retraction.attach(opt)
+    fwd = torch.compile(model, fullgraph=True) if md.compiled else model
+    x, y = md.inputs
+    step = _make_step(fwd, opt, x, y, md.autocast_bf16, None)
+    return Side("md_factored", model, opt, step, retraction, (x, y), md.compiled, md.autocast_bf16)
+
+
+def _make_step(fwd, opt, x, y, autocast_bf16: bool, scheduler) -> Callable[[], float]:
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            logits = fwd(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, A B A B ..., after ``warmup`` untimed calls each."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn))
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    q = (
+        statistics.quantiles(times, n=4)
+        if len(times) >= 4
+        else [min(times), statistics.median(times), max(times)]
+    )
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[-1], "n": len(times)}
