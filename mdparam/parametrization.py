@@ -138,7 +138,12 @@ def fuse(
     """
     matrix = to_matrix(direction, config.layout)
     mags = _magnitudes(tuple(raw_gains), config.gains, config.gain_map)
-    if len(mags) == 2 and not inplace and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if (
+        len(mags) == 2
+        and not inplace
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
         return from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.layout, config.shape)
     for mag in mags:
         # Elementwise products round the same in place or not: every path agrees bitwise.

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from workloads import build_pair  # noqa: E402
+from workloads import build_pair
 
 
 @pytest.mark.slow

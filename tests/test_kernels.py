@@ -32,7 +32,9 @@ def test_eager_fuse_equals_the_plain_formula_bitwise():
 
 @pytest.mark.parametrize("gain_map", [m for m in GAIN_MAPS if m != "identity"])
 def test_gain_map_op_matches_eager_and_passes_opcheck(gain_map):
-    raw = torch.tensor([-30.0, -1.0, 0.0, 0.5, 19.0, 21.0, 40.0], dtype=torch.float64, requires_grad=True)
+    raw = torch.tensor(
+        [-30.0, -1.0, 0.0, 0.5, 19.0, 21.0, 40.0], dtype=torch.float64, requires_grad=True
+    )
     torch.library.opcheck(_gain_map_op, (raw, gain_map))
     assert torch.equal(_gain_map_op(raw, gain_map), apply_gain_map(raw, gain_map))
     g = torch.randn_like(raw)

@@ -50,9 +50,13 @@ def test_zero_direction_stays_zero_and_bad_norms_are_named(compile):
         retract.directions[0].mul_(3.0)
         retract.directions[1].zero_()
         retract.directions[2][0, 0] = float("inf")
-    with pytest.raises(mdparam.RetractionError, match=r"'1\.weight', '2\.weight'.*lower the learning rate"):
+    with pytest.raises(
+        mdparam.RetractionError, match=r"'1\.weight', '2\.weight'.*lower the learning rate"
+    ):
         retract()
-    assert float(retract.directions[0].detach().norm()) == pytest.approx(2.0)  # the good one was retracted
+    assert float(retract.directions[0].detach().norm()) == pytest.approx(
+        2.0
+    )  # the good one was retracted
     assert torch.count_nonzero(retract.directions[1]) == 0  # zero, not NaN
 
 
