@@ -1,10 +1,16 @@
-"""Train a small byte-level GPT with MD decoupling on the standard-library corpus.
+"""The main job: train a small byte-level GPT with MD decoupling, export it, reload it plain.
 
-    ./run main                      # defaults: a few minutes on 2 CPU cores
-    ./run main --steps 50 --baseline
+    ./run main                         # MD-AdamW under torch.compile, a few minutes on 2 cores
+    ./run main --optimizer muon        # MD with Muon on the directions
+    ./run main --baseline              # the same GPT with plain AdamW, no mdparam
+    ./run main --text my.txt --steps 3000 --width 256
 
-The model (examples/gpt.py) is written with plain nn.Linear layers;
-mdparam.register turns every one of them into direction and gains.
+Steps: build the standard-library corpus (or read --text), build the GPT
+(examples/gpt.py: plain nn.Linear layers), register it with mdparam, train
+with a progress bar, evaluate, export a plain safetensors checkpoint, build a
+fresh plain GPT, load the checkpoint with strict=True, check that its logits
+agree with the trained model's, sample text from the plain model, and write a
+loss-curve plot and a JSON summary into --out.
 """
 
 from __future__ import annotations
@@ -13,89 +19,199 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import safetensors.torch
+
 import mdparam
 from examples.corpus import load_corpus
-from examples.gpt import GPT, GPTConfig
+from examples.gpt import GPT
+from examples.training import DEFAULT_LR, RunConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    p.add_argument("--baseline", action="store_true", help="plain model and optimizer, no mdparam")
+    p.add_argument(
+        "--relative-step", action="store_true", help="MD-AdamW with the relative-step retraction"
+    )
     p.add_argument(
         "--lr", type=float, default=None, help="direction LR (MD) or matrix LR (baseline)"
     )
     p.add_argument("--gain-lr", type=float, default=1e-2)
-    p.add_argument("--other-lr", type=float, default=3e-3)
-    p.add_argument("--baseline", action="store_true", help="plain AdamW, no mdparam")
+    p.add_argument("--other-lr", type=float, default=3e-3, help="embeddings, norms, output head")
+    p.add_argument(
+        "--text", default=None, help="train on this text file instead of the stdlib corpus"
+    )
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--sample-bytes", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/main")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def method_of(args: argparse.Namespace) -> str:
+    if args.baseline:
+        if args.relative_step:
+            raise SystemExit("--relative-step is an MD option; drop --baseline")
+        return args.optimizer
+    if args.relative_step:
+        if args.optimizer != "adamw":
+            raise SystemExit(
+                "--relative-step goes with --optimizer adamw (Muon's MD step is already relative)"
+            )
+        return "md-adamw-relative"
+    return f"md-{args.optimizer}"
+
+
+def plot(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = result["train_losses"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.5, label="train (per step)")
+    k = max(1, len(losses) // 50)
+    smooth = [
+        sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1])
+        for i in range(len(losses))
+    ]
+    ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"train (mean of {k + 1})")
+    steps, vals = zip(*result["evals"])
+    ax.plot(steps, vals, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    corpus = load_corpus()
-    cfg = GPTConfig(256, args.block, args.depth, args.heads, args.width)
-    model = GPT(cfg)
-    if args.baseline:
-        lr = args.lr or 3e-3
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = method_of(args)
+    corpus = load_corpus(args.text)
+    print(
+        f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.val):,} val bytes, "
+        f"sha256 {corpus.sha256[:16]}"
+    )
+    cfg = RunConfig(
+        method=method,
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        block=args.block,
+        batch=args.batch,
+        steps=args.steps,
+        lr=args.lr,
+        gain_lr=args.gain_lr,
+        other_lr=args.other_lr,
+        seed=args.seed,
+        compile=not args.no_compile,
+        eval_every=args.eval_every,
+    )
+    print(
+        f"method {method}, lr {cfg.lr or DEFAULT_LR[method]}, {args.steps} steps of {args.batch}x{args.block} tokens"
+        f"{', torch.compile(fullgraph=True)' if cfg.compile else ''}"
+    )
+    result = train(cfg, corpus, progress=not args.quiet)
+    setup = result.pop("_setup")
+    model = setup.model
+    if result["diverged"]:
+        print("training diverged (non-finite loss); lower --lr")
+    print(
+        f"validation loss {result['val_loss']:.4f} nats/byte ({result['val_loss'] / math.log(2):.3f} bits/byte), "
+        f"{result['tokens_per_second']:,.0f} tokens/s"
+    )
+
+    # Export, then load into a fresh plain model that never saw mdparam.
+    ckpt = out / "model.safetensors"
+    if method == "adamw" or method == "muon":
+        safetensors.torch.save_file(model.state_dict(), ckpt)
     else:
-        lr = args.lr or 2e-2
-        mdparam.register(model)
-        opt = torch.optim.AdamW(
-            mdparam.param_groups(model, lr=lr, gain_lr=args.gain_lr, other_lr=args.other_lr)
-        )
-        mdparam.Retraction(model, compile=not args.no_compile).attach(opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
-    step_model = model if args.no_compile else torch.compile(model, fullgraph=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        x, y = corpus.batch("train", args.batch, args.block, gen)
-        loss = torch.nn.functional.cross_entropy(step_model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(
-                f"step {step:5d}  loss {losses[-1]:.4f}  {time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
+        mdparam.save_plain(model, ckpt, overwrite=True, metadata={"method": method})
+    plain = GPT(model.cfg)
+    plain.load_state_dict(safetensors.torch.load_file(ckpt), strict=True)
+    gen = torch.Generator().manual_seed(99)
+    x, _ = corpus.batch("val", 4, args.block, gen)
     with torch.no_grad():
-        val_gen = torch.Generator().manual_seed(1234)
-        val = (
-            sum(model.loss(*corpus.batch("val", 16, args.block, val_gen)).item() for _ in range(8))
-            / 8
-        )
+        model.eval()
+        plain.eval()
+        a, b = model(x), plain(x)
+    max_abs = float((a - b).abs().max())
+    rel = max_abs / float(b.abs().max())
+    agree = rel <= 1e-5
+    print(
+        f"exported {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB); fresh plain GPT loaded it with strict=True; "
+        f"logits {'agree' if agree else 'DISAGREE'}: max abs diff {max_abs:.2e}, relative {rel:.2e}"
+    )
+
+    # A few lines from the plain model.
+    torch.manual_seed(args.seed)
+    prompt = torch.tensor([list(b"def ")], dtype=torch.long)
+    sample = bytes(plain.generate(prompt, args.sample_bytes, temperature=0.8, top_k=40)[0].tolist())
+    text = sample.decode("utf-8", errors="replace")
+    print("--- sample from the plain model ---")
+    print("\n".join(text.splitlines()[:8]))
+    print("-----------------------------------")
+
+    title = (
+        f"{method}, width {args.width}, depth {args.depth}: val {result['val_loss']:.3f} nats/byte"
+    )
+    plot(result, out / "loss.png", title)
     summary = {
-        "method": "baseline" if args.baseline else "md",
-        "final_train_loss": sum(losses[-10:]) / min(10, len(losses)),
-        "val_loss": val,
-        "val_bits_per_byte": val / math.log(2),
-        "corpus_sha256": corpus.sha256,
-        "seconds": time.perf_counter() - t0,
+        "method": method,
+        "config": result["config"],
+        "lr": result["lr"],
+        "corpus": {
+            "source": corpus.source,
+            "sha256": corpus.sha256,
+            "files": corpus.files,
+            "train_bytes": len(corpus.train),
+            "val_bytes": len(corpus.val),
+        },
+        "val_loss": result["val_loss"],
+        "val_bits_per_byte": result["val_loss"] / math.log(2),
+        "final_train_loss": result["final_train_loss"],
+        "diverged": result["diverged"],
+        "seconds": result["seconds"],
+        "tokens_per_second": result["tokens_per_second"],
+        "export": {
+            "path": str(ckpt),
+            "strict_load": True,
+            "max_abs_logit_diff": max_abs,
+            "max_rel_logit_diff": rel,
+            "agree": agree,
+        },
+        "registered": result["registered"],
+        "evals": result["evals"],
+        "sample": text,
+        "torch": torch.__version__,
+        "mdparam": mdparam.__version__,
     }
-    print(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}")
     return summary
 
 

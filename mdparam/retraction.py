@@ -45,6 +45,31 @@ def retract_(
 _TINY = 1e-30
 
 
+def relative_step_(
+    directions: Sequence[Tensor],
+    previous: Sequence[Tensor],
+    spheres: Sequence[str],
+    layouts: Sequence[str],
+    radii: Sequence[float | Tensor],
+    lrs: Sequence[Tensor],
+) -> None:
+    """Rescale each direction's last step to length lr x radius, in place.
+
+    With U = D - D_prev (whatever the base optimizer did), sets
+    D = D_prev + lr * R * U / ||U||, the norm taken per unit of the sphere.
+    ``previous`` is overwritten with U. A unit with U = 0 (no gradient) is
+    left where it was.
+    """
+    for d, prev, sphere, layout, radius, lr in zip(
+        directions, previous, spheres, layouts, radii, lrs
+    ):
+        m, u = to_matrix(d, layout), to_matrix(prev, layout)
+        torch.sub(m, u, out=u)
+        n = sphere_norm(u, sphere)
+        # D_prev + s U = D + (s - 1) U: one pass over D and U
+        m.addcmul_(u, lr * radius / n.clamp_min(_TINY) - 1)
+
+
 class Retraction:
     """Callable that puts every direction of a registered model back on its sphere.
 
@@ -61,6 +86,14 @@ class Retraction:
 
     Build it after :func:`mdparam.register` and call it after every optimizer
     step, or let :meth:`attach` do that.
+
+    ``relative_step=True`` makes the direction's learning rate the relative
+    step for any base optimizer: after each step, the step the optimizer took
+    is rescaled to length ``lr x R`` (per row or column for row/col spheres)
+    before the retraction, D <- retract(D_prev + lr R U / ||U||). This is the
+    Hyperball-style normalised update; Muon with :func:`muon_param_groups`
+    is already relative and does not need it. It costs one copy of the
+    directions in memory and three more passes over them per step.
 
     A direction of zero norm stays zero (not NaN). With ``check=True``
     (default) a zero or non-finite norm (a diverged step) raises
@@ -81,7 +114,12 @@ class Retraction:
     """
 
     def __init__(
-        self, model: nn.Module, *, compile: bool | str = "auto", check: bool = True
+        self,
+        model: nn.Module,
+        *,
+        compile: bool | str = "auto",
+        check: bool = True,
+        relative_step: bool = False,
     ) -> None:
         entries = registered(model)
         if not entries:
@@ -110,12 +148,34 @@ class Retraction:
             compile = self.directions[0].device.type != "cpu"
         self.compiled = bool(compile)
         self.check = check
+        self.relative_step = relative_step
         self._fn: Callable[..., list[Tensor]] = retract_
+        self._step_fn: Callable[..., None] = relative_step_
         if self.compiled:
             self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
+            self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
+        self._previous: list[Tensor] | None = None  # relative step: D before the step
+        self._lr_sources: list[tuple[dict, Tensor]] = []  # (param group, its lr as a tensor)
+        self._lrs: list[Tensor] = []
 
     @torch.no_grad()
     def __call__(self) -> None:
+        if self.relative_step:
+            if self._previous is None:
+                raise RuntimeError(
+                    "mdparam.Retraction(relative_step=True) needs the directions from before "
+                    "the step: use retract.attach(optimizer), which records them"
+                )
+            for group, lr in self._lr_sources:
+                lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
+            self._step_fn(
+                self.directions,
+                self._previous,
+                self._spheres,
+                self._layouts,
+                self._radii,
+                self._lrs,
+            )
         norms = self._fn(self.directions, self._spheres, self._layouts, self._radii)
         if self.check:
             flat = torch.cat([n.reshape(-1) for n in norms])
@@ -137,16 +197,63 @@ class Retraction:
 
         ``optimizer`` must hold the directions (with Muon's recipe, attach to
         the Muon optimizer). Returns a handle whose ``remove()`` detaches it.
+
+        With ``relative_step=True`` this also records every direction before
+        each step (one extra copy of the directions in memory) and, after it,
+        rescales the step to ``lr x R`` with ``lr`` read from each
+        direction's param group at that step (divided by
+        ``"mdparam_lr_scale"`` where :func:`muon_param_groups` set one).
         """
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not any(id(d) in held for d in self.directions):
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(d) in group_of for d in self.directions):
             raise ValueError(
                 "mdparam.Retraction.attach: this optimizer holds none of the model's directions. "
                 "Build it from mdparam.param_groups(model, ...) after mdparam.register(model), "
                 "and attach to the optimizer that steps the directions"
             )
+        if not self.relative_step:
 
-        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                self()
+
+            return optimizer.register_step_post_hook(post)
+
+        missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
+        if missing:
+            raise ValueError(
+                f"mdparam.Retraction(relative_step=True).attach: the optimizer does not hold the "
+                f"directions of {missing[:3]}; in relative-step mode one optimizer must step them all"
+            )
+        lr_of_group: dict[int, Tensor] = {}
+        self._lr_sources, self._lrs = [], []
+        for d in self.directions:
+            g = group_of[id(d)]
+            if id(g) not in lr_of_group:
+                lr_of_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
+                self._lr_sources.append((g, lr_of_group[id(g)]))
+            self._lrs.append(lr_of_group[id(g)])
+        self._previous = [
+            torch.empty_like(d, memory_format=torch.contiguous_format) for d in self.directions
+        ]
+
+        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            with torch.no_grad():
+                for prev, d in zip(self._previous, self.directions):
+                    prev.copy_(d)
+
+        def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self()
 
-        return optimizer.register_step_post_hook(hook)
+        handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+        return _Handles(handles)
+
+
+class _Handles:
+    """Removes several hooks at once, like one RemovableHandle."""
+
+    def __init__(self, handles: list[RemovableHandle]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

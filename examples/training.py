@@ -1,0 +1,245 @@
+"""One training run of the small GPT: the methods compared, their recipes, the loop.
+
+The main job (examples/train_gpt.py) and the reproduction sweep
+(benchmarks/reproduce.py) both call :func:`train`, so both sides of every
+comparison run the same code except for the method.
+
+Every method clips the gradient norm at 1.0. Methods (the swept ``lr`` is the
+matrix LR of baselines, the direction LR of MD):
+
+- ``adamw``: plain AdamW, weight decay 0.1 on matrices (embeddings, head,
+  hidden), linear warmup over 5% of the steps, then linear decay to 0.
+- ``md-adamw``: MD on every hidden nn.Linear (rowcol softplus gains, flat
+  sphere), AdamW on directions (lr) and gains (gain_lr), no weight decay, no
+  warmup, linear decay. Embeddings, norms and the output head stay plain
+  (AdamW at other_lr), as in the paper; no weight decay anywhere.
+- ``md-adamw-relative``: md-adamw with the relative-step retraction.
+- ``muon``: torch.optim.Muon on hidden matrices (its default weight decay
+  0.1), AdamW (other_lr, weight decay 0.1 on matrices) on the rest; warmup
+  and linear decay as adamw.
+- ``md-muon``: MD with Muon on directions (the paper's sqrt(max/min) step),
+  AdamW on gains and the rest; no warmup, linear decay.
+- ``sphere``: the pure sphere (gains "none", init "sphere"; Hyperball/HyperP
+  family) with AdamW on directions; no warmup, linear decay.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mdparam
+from examples.corpus import Corpus
+from examples.gpt import GPT, GPTConfig
+
+METHODS = ("adamw", "md-adamw", "md-adamw-relative", "muon", "md-muon", "sphere")
+MD_METHODS = ("md-adamw", "md-adamw-relative", "md-muon", "sphere")
+
+
+@dataclass
+class RunConfig:
+    method: str = "md-adamw"
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    block: int = 128
+    batch: int = 16
+    steps: int = 1000
+    lr: float | None = None  # None: the method's default below
+    gain_lr: float = 1e-2
+    other_lr: float = 3e-3
+    weight_decay: float = 0.1  # baselines only
+    warmup_frac: float = 0.05  # baselines only
+    clip: float | None = 1.0  # gradient-norm clipping, every method
+    seed: int = 0
+    compile: bool = True
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+DEFAULT_LR = {
+    "adamw": 3e-3,
+    "md-adamw": 2e-2,
+    "md-adamw-relative": 2e-3,
+    "muon": 2e-2,
+    "md-muon": 2e-2,
+    "sphere": 2e-2,
+}
+
+
+@dataclass
+class Setup:
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    retraction: mdparam.Retraction | None = None
+    registered: list[str] = field(default_factory=list)
+
+
+def _schedule(steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1.0 - (step - warmup) / max(1, steps - warmup))
+
+    return factor
+
+
+def _matrices(model: nn.Module, hidden_only: bool) -> tuple[list, list]:
+    """(2-D params, the rest); hidden_only keeps embeddings and head out of the first list."""
+    mats, rest = [], []
+    for name, p in model.named_parameters():
+        is_hidden = name.startswith("blocks.")
+        (mats if p.ndim == 2 and (is_hidden or not hidden_only) else rest).append(p)
+    return mats, rest
+
+
+def build(cfg: RunConfig) -> Setup:
+    """The model and the optimizers of a method, as the module docstring describes."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(256, cfg.block, cfg.depth, cfg.heads, cfg.width))
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    warmup = 0
+    names: list[str] = []
+    retraction = None
+    if cfg.method == "adamw":
+        mats, rest = _matrices(model, hidden_only=False)
+        opts = [
+            torch.optim.AdamW(
+                [
+                    {"params": mats, "weight_decay": cfg.weight_decay},
+                    {"params": rest, "weight_decay": 0.0},
+                ],
+                lr=lr,
+            )
+        ]
+        warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+    elif cfg.method == "muon":
+        mats, rest = _matrices(model, hidden_only=True)
+        emb_head = [p for p in rest if p.ndim == 2]
+        vectors = [p for p in rest if p.ndim != 2]
+        opts = [
+            torch.optim.Muon(mats, lr=lr),  # torch's default weight decay, 0.1
+            torch.optim.AdamW(
+                [
+                    {"params": emb_head, "weight_decay": cfg.weight_decay},
+                    {"params": vectors, "weight_decay": 0.0},
+                ],
+                lr=cfg.other_lr,
+            ),
+        ]
+        warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+    else:
+        kw = {"gains": "none", "init": "sphere"} if cfg.method == "sphere" else {}
+        names = mdparam.register(model, exclude="head", **kw)
+        if cfg.method == "md-muon":
+            muon, adamw = mdparam.muon_optimizers(
+                model, lr=lr, gain_lr=cfg.gain_lr, other_lr=cfg.other_lr, other_weight_decay=0.0
+            )
+            opts = [muon, adamw]
+        else:
+            groups = mdparam.param_groups(
+                model, lr=lr, gain_lr=cfg.gain_lr, other_lr=cfg.other_lr, other_weight_decay=0.0
+            )
+            opts = [torch.optim.AdamW(groups)]
+        retraction = mdparam.Retraction(model, relative_step=cfg.method == "md-adamw-relative")
+        retraction.attach(opts[0])
+    factor = _schedule(cfg.steps, warmup)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
+    return Setup(model, opts, schedulers, retraction, names)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, corpus: Corpus, cfg: RunConfig) -> float:
+    gen = torch.Generator().manual_seed(1234)  # the same validation batches for every run
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x, y = corpus.batch("val", cfg.batch, cfg.block, gen)
+        total += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    model.train(was_training)
+    return total / cfg.eval_batches
+
+
+def train(cfg: RunConfig, corpus: Corpus, *, progress: bool = False, on_step=None) -> dict:
+    """Train one run; returns its config, curves, final losses and timing."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    setup = build(cfg)
+    model = setup.model
+    fwd = torch.compile(model, fullgraph=True) if cfg.compile else model
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses: list[float] = []
+    evals: list[tuple[int, float]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    t_compiled = None
+    diverged = False
+    for step in range(cfg.steps):
+        x, y = corpus.batch("train", cfg.batch, cfg.block, gen)
+        loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        try:
+            for opt in setup.optimizers:
+                opt.step()
+        except mdparam.RetractionError:
+            diverged = True
+        for opt, sched in zip(setup.optimizers, setup.schedulers):
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        losses.append(value)
+        if step == 0:
+            t_compiled = time.perf_counter()
+        if diverged or not math.isfinite(value):
+            diverged = True
+            break
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            evals.append((step + 1, evaluate(model, corpus, cfg)))
+        if on_step is not None:
+            on_step(step, value)
+        if bar is not None:
+            elapsed = time.perf_counter() - (t_compiled or t0)
+            rate = cfg.batch * cfg.block * step / elapsed if step and elapsed > 0 else 0.0
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    val = float("nan") if diverged else evaluate(model, corpus, cfg)
+    evals.append((len(losses), val))
+    steady = time.perf_counter() - (t_compiled or t0)
+    return {
+        "config": asdict(cfg),
+        "lr": cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method],
+        "diverged": diverged,
+        "train_losses": losses,
+        "evals": evals,
+        "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "val_loss": val,
+        "seconds": seconds,
+        "tokens_per_second": cfg.batch * cfg.block * max(0, len(losses) - 1) / steady
+        if steady > 0
+        else 0.0,
+        "registered": setup.registered,
+        "_setup": setup,
+    }

@@ -1,0 +1,181 @@
+"""Relative-step mode: the direction LR is the length of D's step, lr x R, for any optimizer.
+
+The identity tested: with D_old on its sphere and U the step the base
+optimizer proposed (D_base - D_old), the new direction is
+
+    D_new = retract(D_old + lr * R * U / ||U||)           (norms per unit of the sphere)
+
+so the step before the retraction has length exactly lr * R. The retraction
+then moves D back onto the sphere; for a flat sphere the achieved angle theta
+between D_old and D_new satisfies tan(theta) = lr sin(phi) / (1 + lr cos(phi)),
+phi being the angle between U and D_old, and ||D_new - D_old|| / R = 2 sin(theta / 2)
+(lr (1 - 3 lr^2 / 8 + ...) for a tangent step).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mdparam
+from mdparam.retraction import relative_step_
+from mdparam.sphere import project, sphere_norm
+
+
+def two_layer(d_in=24, d_hidden=40, d_out=8, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out))
+
+
+def directions(model):
+    return [e.direction.detach().clone() for e in mdparam.registered(model)]
+
+
+def loss_of(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, model[0].in_features, generator=g)
+    return model(x).square().mean()
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups),
+    "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("sphere", ["flat", "row"])
+def test_step_is_lr_times_radius_then_retracted(opt_name, sphere):
+    lr = 0.05
+    model = two_layer()
+    mdparam.register(model, sphere=sphere)
+    base = copy.deepcopy(model)  # the base optimizer alone, to read off its proposal U
+    old = directions(model)
+
+    opt = OPTIMIZERS[opt_name](mdparam.param_groups(model, lr=lr))
+    mdparam.Retraction(model, relative_step=True).attach(opt)
+    base_opt = OPTIMIZERS[opt_name](mdparam.param_groups(base, lr=lr))
+    for m, o in ((model, opt), (base, base_opt)):
+        loss_of(m).backward()
+        o.step()
+
+    for e, d_old, d_base in zip(mdparam.registered(model), old, directions(base)):
+        radius = e.parametrization.sphere_radius()
+        u = d_base - d_old
+        step = lr * radius * u / sphere_norm(u, sphere)
+        assert torch.allclose(
+            sphere_norm(step, sphere), torch.full_like(sphere_norm(step, sphere), lr * radius)
+        )
+        expected = project(d_old + step, sphere, radius)
+        assert torch.allclose(e.direction.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_achieved_angle_follows_the_retraction_formula():
+    lr = 0.1
+    model = two_layer(d_in=64, d_hidden=16, d_out=4)
+    mdparam.register(model)
+    base = copy.deepcopy(model)
+    old = directions(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=lr))
+    mdparam.Retraction(model, relative_step=True).attach(opt)
+    base_opt = torch.optim.AdamW(mdparam.param_groups(base, lr=lr))
+    for m, o in ((model, opt), (base, base_opt)):
+        loss_of(m).backward()
+        o.step()
+    for e, d_old, d_base in zip(mdparam.registered(model), old, directions(base)):
+        radius = e.parametrization.sphere_radius()
+        u = (d_base - d_old).flatten().double()
+        cos_phi = float(u @ d_old.flatten().double() / (u.norm() * radius))
+        sin_phi = math.sqrt(max(0.0, 1 - cos_phi**2))
+        theta = math.atan2(lr * sin_phi, 1 + lr * cos_phi)
+        achieved = float((e.direction.detach() - d_old).norm()) / radius
+        assert achieved == pytest.approx(2 * math.sin(theta / 2), rel=1e-4)
+        assert (
+            abs(achieved - lr) <= lr * abs(cos_phi) + lr**2
+        )  # first order: lr, less the radial part
+
+
+@pytest.mark.parametrize("width", [16, 64, 256])
+def test_the_relative_step_does_not_depend_on_width(width):
+    lr = 0.02
+    prev = [torch.randn(width, width), torch.randn(width, 4 * width)]
+    ds = [p + 0.3 * torch.randn_like(p) for p in prev]  # any proposed steps
+    radii = [math.sqrt(width), math.sqrt(4 * width)]
+    before = [p.clone() for p in prev]
+    lrs = [torch.tensor(lr)] * 2
+    relative_step_(ds, prev, ["flat"] * 2, ["linear"] * 2, radii, lrs)
+    for d, p, r in zip(ds, before, radii):
+        assert float((d - p).norm()) / r == pytest.approx(lr, rel=1e-5)
+
+
+def test_a_direction_without_gradient_stays_put():
+    prev = [torch.randn(4, 4)]
+    d = [prev[0].clone()]
+    relative_step_(d, [prev[0].clone()], ["flat"], ["linear"], [2.0], [torch.tensor(0.1)])
+    assert torch.equal(d[0], prev[0])
+
+
+def test_muon_groups_use_the_unscaled_lr():
+    # muon_param_groups scales each group's lr by sqrt(max/min) / torch's factor; the
+    # relative step divides that back out, so the step is lr x R as for AdamW.
+    lr = 0.02
+    model = two_layer(d_in=64, d_hidden=16, d_out=16)
+    mdparam.register(model)
+    base = copy.deepcopy(model)
+    old = directions(model)
+    muon, _ = mdparam.muon_optimizers(model, lr=lr)
+    mdparam.Retraction(model, relative_step=True).attach(muon)
+    base_muon, _ = mdparam.muon_optimizers(base, lr=lr)
+    for m, o in ((model, muon), (base, base_muon)):
+        loss_of(m).backward()
+        o.step()
+    for e, d_old, d_base in zip(mdparam.registered(model), old, directions(base)):
+        radius = e.parametrization.sphere_radius()
+        u = d_base - d_old
+        expected = project(d_old + lr * radius * u / u.norm(), "flat", radius)
+        assert torch.allclose(e.direction.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_relative_step_needs_attach_and_all_directions():
+    model = two_layer()
+    mdparam.register(model)
+    retract = mdparam.Retraction(model, relative_step=True)
+    with pytest.raises(RuntimeError, match=r"attach\(optimizer\)"):
+        retract()
+    first_only = torch.optim.SGD([mdparam.registered(model)[0].direction], lr=0.1)
+    with pytest.raises(ValueError, match=r"does not hold the directions of \['2.weight'\]"):
+        retract.attach(first_only)
+
+
+def test_handle_removes_both_hooks():
+    model = two_layer()
+    mdparam.register(model)
+    opt = torch.optim.SGD(mdparam.param_groups(model, lr=0.5))
+    handle = mdparam.Retraction(model, relative_step=True).attach(opt)
+    handle.remove()
+    old = directions(model)
+    loss_of(model).backward()
+    opt.step()
+    d = mdparam.registered(model)[0].direction.detach()
+    assert not torch.allclose((d - old[0]).norm(), torch.tensor(0.5 * d.norm().item()))
+
+
+@pytest.mark.slow
+def test_compiled_relative_step_matches_eager():
+    results = []
+    for compile in (False, True):
+        model = two_layer()
+        mdparam.register(model)
+        opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.03))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        mdparam.Retraction(model, relative_step=True, compile=compile).attach(opt)
+        for i in range(4):
+            loss_of(model, seed=i).backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        results.append(directions(model))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
