@@ -8,8 +8,7 @@ import safetensors.torch
 from examples import train_gpt
 from examples.gpt import GPT, GPTConfig
 
-TINY = ["--steps", "3", "--width", "32", "--depth", "1", "--heads", "2", "--batch", "2", "--block", "32",
-        "--eval-every", "2", "--sample-bytes", "16", "--quiet"]
+TINY = "--steps 3 --width 32 --depth 1 --heads 2 --batch 2 --block 32 --eval-every 2 --sample-bytes 16 --quiet".split()
 
 
 @pytest.mark.slow
@@ -21,7 +20,10 @@ def test_main_job_trains_compiled_exports_and_reloads(tmp_path):
     assert len(summary["registered"]) == 6  # q, k, v, o, up, down; the head stays plain
     for name in ("model.safetensors", "loss.png", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "summary.json").read_text())["corpus"]["sha256"] == summary["corpus"]["sha256"]
+    assert (
+        json.loads((tmp_path / "summary.json").read_text())["corpus"]["sha256"]
+        == summary["corpus"]["sha256"]
+    )
     # the exported file is an ordinary checkpoint of the plain architecture
     plain = GPT(GPTConfig(256, 32, 1, 2, 32))
     plain.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"), strict=True)
