@@ -33,6 +33,7 @@ from .checkpoint_format import (
     plain_plan,
     training_metadata,
 )
+from .distributed import is_sharded
 from .register import registered
 from .safetensors_io import (
     CheckpointReader,
@@ -88,7 +89,7 @@ class _State:
         return _full(self.tensors[key].detach())
 
 
-def _state(model: nn.Module, what: str) -> _State:
+def _state(model: nn.Module, what: str, loading: bool = False) -> _State:
     inner = _unwrap(model)
     entries = registered(inner)
     if not entries:
@@ -109,6 +110,12 @@ def _state(model: nn.Module, what: str) -> _State:
         name = _clean(e.name)
         specs[name] = FusedSpec(name, e.config, originals, radius)
         by_name.setdefault(name, []).append(e)
+    if loading and any(is_sharded(t) for t in tensors.values()):
+        raise RuntimeError(
+            f"mdparam.{what}: the model is sharded by FSDP2. Load before sharding "
+            "(register -> load -> fully_shard), or resume a sharded run with "
+            "torch.distributed.checkpoint (see the README's section on running at scale)"
+        )
     return _State(list(tensors), tensors, specs, by_name)
 
 
@@ -191,17 +198,17 @@ def save_plain(
 
     The file appears only when complete; a crash leaves any previous file at
     ``path`` as it was. An existing ``path`` is refused unless ``overwrite``.
+    Under FSDP2 call it on every rank: all gather the full tensors, rank 0
+    writes.
     """
     path = atomic_path(path, overwrite=overwrite)
     st = _state(model, "save_plain")
     plan, specs = _plain_specs(st, dtype)
     fused = [name for name, src in plan if isinstance(src, FusedSpec)]
-    write_file(
-        path,
-        specs,
-        _producer(st, plan, dtype),
-        plain_metadata(fused, metadata),
-        overwrite=overwrite,
+    produce = _producer(st, plan, dtype)
+    meta = plain_metadata(fused, metadata)
+    _on_writer_rank(
+        st, [specs], produce, lambda: write_file(path, specs, produce, meta, overwrite=overwrite)
     )
     return path
 
@@ -227,11 +234,41 @@ def save_training(
     specs = [(k, st.tensors[k].dtype, tuple(st.tensors[k].shape)) for k in st.keys]
     if max_shard_bytes is None:
         path = atomic_path(path, overwrite=overwrite)
-        write_file(path, specs, st.get, meta, overwrite=overwrite)
+        _on_writer_rank(
+            st, [specs], st.get, lambda: write_file(path, specs, st.get, meta, overwrite=overwrite)
+        )
     else:
         path = Path(path)
-        write_sharded(path, pack_shards(specs, max_shard_bytes), st.get, meta, overwrite=overwrite)
+        shards = pack_shards(specs, max_shard_bytes)
+        _on_writer_rank(
+            st,
+            shards,
+            st.get,
+            lambda: write_sharded(path, shards, st.get, meta, overwrite=overwrite),
+        )
     return path
+
+
+def _on_writer_rank(
+    st: _State, shards: list, produce: Callable[[str], Tensor], write: Callable[[], object]
+) -> None:
+    """Write on this rank, or, for an FSDP2-sharded model on ranks other than 0, only
+    take part in the gathers, in the writer's order; every rank returns together."""
+    import torch.distributed as dist
+
+    sharded = (
+        dist.is_available()
+        and dist.is_initialized()
+        and any(is_sharded(t) for t in st.tensors.values())
+    )
+    if not sharded or dist.get_rank() == 0:
+        write()
+    else:
+        for shard in shards:
+            for name, *_ in shard:
+                produce(name)
+    if sharded:
+        dist.barrier()
 
 
 def _compare_names(expected: list[str], found: list[str], source: str, what: str) -> None:
@@ -260,7 +297,7 @@ def load_training(model: nn.Module, path: str | os.PathLike) -> None:
     The model must be registered with the same layers and options as the one
     that was saved; everything is checked before anything is copied.
     """
-    st = _state(model, "load_training")
+    st = _state(model, "load_training", loading=True)
     with CheckpointReader(path) as reader:
         specs = parse_training_metadata(reader.metadata, str(path))
         _compare_names(
@@ -315,7 +352,7 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
         >>> torch.allclose(model(x), pretrained(x), atol=1e-6)
         True
     """
-    st = _state(model, "load_plain")
+    st = _state(model, "load_plain", loading=True)
     plan = plain_plan(st.keys, st.specs)
     label = "the state dict" if isinstance(source, Mapping) else str(source)
     if isinstance(source, Mapping):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .distributed import is_sharded, local_radius, relative_step_sharded_, retract_sharded_
 from .register import registered
 from .sphere import sphere_norm
 from .views import to_matrix
@@ -144,14 +145,30 @@ class Retraction:
             self._radii.append(e.parametrization.sphere_radius())
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        self.sharded = any(is_sharded(d) for d in self.directions)
         if compile == "auto":
-            compile = self.directions[0].device.type != "cpu"
+            compile = self.directions[0].device.type != "cpu" and not self.sharded
         self.compiled = bool(compile)
         self.check = check
         self.relative_step = relative_step
         self._fn: Callable[..., list[Tensor]] = retract_
         self._step_fn: Callable[..., None] = relative_step_
-        if self.compiled:
+        if self.sharded:
+            if not all(is_sharded(d) for d in self.directions):
+                raise ValueError(
+                    "mdparam.Retraction: some directions are FSDP2-sharded and some are not; "
+                    "shard the whole registered model (fully_shard on its blocks and root)"
+                )
+            if self.compiled:
+                raise ValueError(
+                    "mdparam.Retraction: compile=True is not supported for FSDP2-sharded directions"
+                )
+            self._radii = [
+                local_radius(d, lay, r)
+                for d, lay, r in zip(self.directions, self._layouts, self._radii)
+            ]
+            self._fn, self._step_fn = retract_sharded_, relative_step_sharded_
+        elif self.compiled:
             self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
             self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
         self._previous: list[Tensor] | None = None  # relative step: D before the step
@@ -208,8 +225,9 @@ class Retraction:
         if not any(id(d) in group_of for d in self.directions):
             raise ValueError(
                 "mdparam.Retraction.attach: this optimizer holds none of the model's directions. "
-                "Build it from mdparam.param_groups(model, ...) after mdparam.register(model), "
-                "and attach to the optimizer that steps the directions"
+                "Build it from mdparam.param_groups(model, ...) after mdparam.register(model) "
+                "(and after fully_shard/DDP), build the Retraction after that too, and attach it "
+                "to the optimizer that steps the directions"
             )
         if not self.relative_step:
 

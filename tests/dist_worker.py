@@ -1,0 +1,207 @@
+"""Worker processes for the distributed tests (real torch.distributed, gloo on CPU).
+
+Each scenario trains the tiny GPT on the same global batches (8 sequences per
+step, seeded by the step index) and writes what the test checks into
+``outdir``. ``single`` runs in one process; ``ddp`` and ``fsdp`` split each
+global batch between the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import tiny_gpt  # noqa: E402
+
+import mdparam  # noqa: E402
+import mdparam.distributed as mddist  # noqa: E402
+from mdparam.sphere import sphere_norm  # noqa: E402
+
+GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 64
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+def build(mode: str, world: int, compile: bool = False):
+    model = tiny_gpt(seed=0)
+    mdparam.register(model)
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        net = model
+    elif mode == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        net = model
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.01, gain_lr=0.01))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 20)
+    retract = mdparam.Retraction(model)
+    retract.attach(opt)
+    fwd = net
+    if compile and mode == "fsdp":
+        for block in model.blocks:  # FSDP2's recipe: compile each sharded block
+            block.compile()
+    elif compile:
+        fwd = torch.compile(net, fullgraph=True)
+    return model, fwd, opt, sched, retract
+
+
+def sphere_error(model) -> float:
+    worst = 0.0
+    for e in mdparam.registered(model):
+        d = e.direction.detach()
+        d = d.full_tensor() if mddist.is_sharded(d) else d
+        r = e.parametrization.sphere_radius()
+        worst = max(worst, float((sphere_norm(d, e.config.sphere) - r).abs().max() / r))
+    return worst
+
+
+def train(
+    model, fwd, opt, sched, mode: str, rank: int, world: int, steps: range
+) -> tuple[list, list]:
+    losses, sphere = [], []
+    for step in steps:
+        x, y = batch(step)
+        if mode != "single":
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if mode != "single":
+            dist.all_reduce(value)
+            value /= world
+        losses.append(float(value))
+        sphere.append(sphere_error(model))
+    return losses, sphere
+
+
+def scenario_train(rank: int, world: int, mode: str, outdir: Path, compile: bool = False) -> None:
+    model, fwd, opt, sched, retract = build(mode, world, compile)
+    calls = {"n": 0, "retractions": 0}
+    inner, real = retract._fn, mddist._all_reduce
+
+    def counting_all_reduce(flat, group):
+        calls["n"] += 1
+        real(flat, group)
+
+    def counted(*args):  # count the collectives issued inside each retraction
+        calls["retractions"] += 1
+        mddist._all_reduce = counting_all_reduce
+        try:
+            return inner(*args)
+        finally:
+            mddist._all_reduce = real
+
+    retract._fn = counted
+    steps = 10 if not compile else 3
+    from torch._dynamo.utils import counters
+
+    losses, sphere = train(model, fwd, opt, sched, mode, rank, world, range(steps))
+    calls["graphs"] = counters["stats"]["unique_graphs"]
+    calls["graph_breaks"] = sum(counters["graph_break"].values())
+    path = mdparam.save_plain(model, outdir / f"{mode}.safetensors", overwrite=True)
+    if rank == 0:
+        (outdir / f"{mode}.json").write_text(
+            json.dumps(
+                {
+                    "losses": losses,
+                    "sphere": sphere,
+                    "retraction_all_reduces": calls["n"],
+                    "retractions": calls["retractions"],
+                    "graphs": calls.get("graphs", 0),
+                    "graph_breaks": calls.get("graph_breaks", 0),
+                    "path": str(path),
+                }
+            )
+        )
+
+
+def scenario_dcp(rank: int, world: int, phase: str, outdir: Path) -> None:
+    """Save at step 5 with torch.distributed.checkpoint; resume in fresh processes to step 10."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, fwd, opt, sched, _ = build("fsdp", world)
+    ckpt = outdir / "dcp"
+    if phase == "save":
+        train(model, fwd, opt, sched, "fsdp", rank, world, range(5))
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt))
+        if rank == 0:
+            torch.save(sched.state_dict(), outdir / "sched.pt")
+        return
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sched.load_state_dict(torch.load(outdir / "sched.pt"))
+    losses, _ = train(model, fwd, opt, sched, "fsdp", rank, world, range(5, 10))
+    mdparam.save_plain(model, outdir / "resumed.safetensors", overwrite=True)
+    if rank == 0:
+        (outdir / "resumed.json").write_text(json.dumps({"losses": losses}))
+
+
+def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if scenario == "train":
+            scenario_train(rank, world, *args)
+        elif scenario == "dcp":
+            scenario_dcp(rank, world, *args)
+        elif scenario == "register_after_shard":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            model = tiny_gpt()
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            try:
+                mdparam.register(model)
+            except RuntimeError as e:
+                if rank == 0:
+                    (args[0] / "error.txt").write_text(str(e))
+            registered = tiny_gpt()
+            mdparam.register(registered)
+            fully_shard(registered, mesh=init_device_mesh("cpu", (world,)))
+            try:
+                mdparam.load_plain(registered, tiny_gpt().state_dict())
+            except RuntimeError as e:
+                if rank == 0:
+                    (args[0] / "load_error.txt").write_text(str(e))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(scenario: str, *args, world: int = 2) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(
+        worker, args=(world, port, scenario, list(args)), nprocs=world, join=True
+    )
