@@ -80,13 +80,16 @@ def method_of(args: argparse.Namespace) -> str:
 
 
 def plot(result: dict, path: Path, title: str) -> None:
+    """Loss curves; for MD runs, beside them the gains and the direction's step per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     losses = result["train_losses"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    stats = result.get("stats") or []
+    fig, axes = plt.subplots(1, 2 if stats else 1, figsize=(12 if stats else 7, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.5, label="train (per step)")
     k = max(1, len(losses) // 50)
     smooth = [
@@ -101,6 +104,32 @@ def plot(result: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if stats:
+        ax = axes[0][1]
+        xs = [s for s, _ in stats]
+        for key, label in (
+            ("row_gain_mean", "phi(r), mean over layers"),
+            ("col_gain_mean", "phi(c), mean over layers"),
+        ):
+            if f"mdparam/{key}" in stats[0][1]:
+                ax.plot(xs, [r[f"mdparam/{key}"] for _, r in stats], label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("gain magnitude")
+        ax.grid(alpha=0.3)
+        ax2 = ax.twinx()
+        ax2.plot(
+            xs,
+            [r["mdparam/direction_step"] for _, r in stats],
+            color="tab:red",
+            lw=0.8,
+            label="||D_t - D_t-1|| / ||D||",
+        )
+        ax2.set_yscale("log")
+        ax2.set_ylabel("direction step per step (log)", color="tab:red")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8)
+        ax.set_title("mdparam.stats during training")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -130,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         compile=not args.no_compile,
         eval_every=args.eval_every,
+        track_stats=True,
     )
     print(
         f"method {method}, lr {cfg.lr or DEFAULT_LR[method]}, {args.steps} steps of {args.batch}x{args.block} tokens"
@@ -206,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "registered": result["registered"],
         "evals": result["evals"],
+        "stats_last": result["stats"][-1][1] if result["stats"] else None,
         "sample": text,
         "torch": torch.__version__,
         "mdparam": mdparam.__version__,

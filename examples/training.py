@@ -61,6 +61,7 @@ class RunConfig:
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
     threads: int | None = None
+    track_stats: bool = False  # MD only: mdparam.stats after every step
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -184,6 +185,7 @@ def train(cfg: RunConfig, corpus: Corpus, *, progress: bool = False, on_step=Non
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
+    stats: list[tuple[int, dict]] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -208,6 +210,10 @@ def train(cfg: RunConfig, corpus: Corpus, *, progress: bool = False, on_step=Non
             opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
         losses.append(value)
+        if cfg.track_stats and setup.retraction is not None:
+            record = mdparam.stats(model, per_layer=False)
+            if "mdparam/direction_step" in record:
+                stats.append((step + 1, record))
         if step == 0:
             t_compiled = time.perf_counter()
         if diverged or not math.isfinite(value):
@@ -241,5 +247,6 @@ def train(cfg: RunConfig, corpus: Corpus, *, progress: bool = False, on_step=Non
         if steady > 0
         else 0.0,
         "registered": setup.registered,
+        "stats": stats,
         "_setup": setup,
     }

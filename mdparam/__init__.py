@@ -10,15 +10,19 @@ by any torch.optim optimizer.
     mdparam.Retraction(model).attach(opt)
 """
 
+from .adapters import Adapter, register_adapter
 from .checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
+from .hf import save_pretrained
 from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
 from .parametrization import MagnitudeDirection, MDConfig, fuse
 from .register import Registered, register, registered, reinitialize, remove
 from .retraction import Retraction, RetractionError
+from .stats import stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "MDConfig",
     "MagnitudeDirection",
     "Registered",
@@ -33,10 +37,13 @@ __all__ = [
     "param_groups",
     "plain_state_dict",
     "register",
+    "register_adapter",
     "registered",
     "reinitialize",
     "remove",
     "save_plain",
+    "save_pretrained",
     "save_training",
     "split_params",
+    "stats",
 ]

@@ -366,6 +366,27 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
         names = list(reader.entries)
         shape_of = {k: e.shape for k, e in reader.entries.items()}
         get = reader.get
+
+    # A tied weight may be saved under one of its names only (save_pretrained does
+    # that): a missing name is read from another name of the same tensor.
+    def tensor_id(src: FusedSpec | str) -> int:
+        if isinstance(src, FusedSpec):
+            e = st.entries[src.name][0]
+            return id(e.module.parametrizations[e.tensor_name].original0)
+        return id(st.tensors[src])
+
+    present = set(names)
+    by_tensor: dict[int, list[str]] = {}
+    for name, src in plan:
+        by_tensor.setdefault(tensor_id(src), []).append(name)
+    read_as = {}
+    for name, src in plan:
+        stand_in = [n for n in by_tensor[tensor_id(src)] if n in present]
+        if name not in present and stand_in:
+            read_as[name] = stand_in[0]
+            names = [*names, name]
+            shape_of[name] = shape_of[stand_in[0]]
+    read = lambda k: get(read_as.get(k, k))  # noqa: E731
     try:
         _compare_names(
             [n for n, _ in plan], names, label, "Is it a checkpoint of this architecture?"
@@ -377,7 +398,7 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
         done: dict[int, tuple[str, Tensor]] = {}
         with torch.no_grad():
             for name, src in plan:
-                value = get(name)
+                value = read(name)
                 if not isinstance(src, FusedSpec):
                     new.append((st.tensors[src], value))
                     continue

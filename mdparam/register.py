@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -149,17 +149,84 @@ def _split(qualname: str) -> tuple[str, str]:
     return mod_name, tensor_name
 
 
+class _Default(str):
+    """A default option value: a layer kind's own default may replace it."""
+
+
+LayerKinds = str | type | Iterable[type | str]
+
+
+def _kind_matcher(kinds: LayerKinds, what: str) -> Callable[[str, nn.Module], bool]:
+    if kinds == "all":
+        return lambda name, mod: True
+    items = [kinds] if isinstance(kinds, str | type) else list(kinds)
+    for k in items:
+        if not (isinstance(k, str) or (isinstance(k, type) and issubclass(k, nn.Module))):
+            raise TypeError(
+                f"{what} takes nn.Module types or glob strings on module names, got {k!r}"
+            )
+    types = tuple(k for k in items if isinstance(k, type))
+    globs = [k for k in items if isinstance(k, str)]
+    return lambda name, mod: (
+        isinstance(mod, types) or any(fnmatch.fnmatchcase(name, g) for g in globs)
+    )
+
+
+def _options_for(
+    name: str,
+    mod: nn.Module,
+    defaults: Mapping[str, object],
+    explicit: dict[str, object],
+    overrides: list,
+) -> dict[str, object]:
+    opts = dict(explicit)
+    for match, values in overrides:  # later entries win
+        if match(name, mod):
+            opts.update({k: v for k, v in values.items() if isinstance(explicit.get(k), _Default)})
+    for k, v in defaults.items():
+        if isinstance(opts[k], _Default):
+            opts[k] = v
+    return {k: (str(v) if isinstance(v, _Default) else v) for k, v in opts.items()}
+
+
+def _check_options(opts: dict[str, object], where: str) -> None:
+    _check_choice(opts["gains"], "gains", GAINS)
+    _check_choice(opts["sphere"], "sphere", SPHERES)
+    _check_choice(opts["gain_map"], "gain_map", GAIN_MAPS)
+    _check_choice(opts["init"], "init", INITS)
+    radius = opts["radius"]
+    if isinstance(radius, str):
+        _check_choice(radius, "radius", RADIUS_POLICIES)
+    else:
+        resolve_radius(
+            radius, torch.empty(1, 1, device="meta"), opts["sphere"]
+        )  # validates the number
+    if (
+        opts["init"] == "preserve"
+        and radius != "init"
+        and not can_absorb(opts["gains"], opts["sphere"])
+    ):
+        raise ValueError(
+            f"init='preserve' keeps the model's function, but gains={opts['gains']!r} cannot take "
+            f"up the norm that the {opts['sphere']!r} sphere removes{where}. Use gains that cover "
+            "the sphere's units (flat: any but 'none'; row: 'rowcol' or 'row'; col: 'rowcol' or "
+            "'col'), radius='init' (D keeps the weight's own norm), or init='sphere' (the paper's start)"
+        )
+
+
 def register(
     model: nn.Module,
     *,
-    gains: str = "rowcol",
-    sphere: str = "flat",
-    radius: str | float = "shape",
-    gain_map: str = "softplus",
+    gains: str = _Default("rowcol"),
+    sphere: str = _Default("flat"),
+    radius: str | float = _Default("shape"),
+    gain_map: str = _Default("softplus"),
     include: Selector = None,
     exclude: Selector = None,
-    init: str = "preserve",
+    init: str = _Default("preserve"),
     tied: str = "skip",
+    layers: LayerKinds = (nn.Linear,),
+    overrides: Mapping[type | str, Mapping[str, object]] | None = None,
 ) -> list[str]:
     """Parametrize every nn.Linear of ``model`` as W = diag(phi(r)) . D . diag(phi(c)), in place.
 
@@ -191,6 +258,15 @@ def register(
             leaves it plain and warns; ``"share"`` parametrizes every holder
             with the same direction and gains, so the tie survives (the
             embedding then also uses the fused matrix); ``"error"`` raises.
+        layers: which layer kinds to decouple: module types (subclasses
+            match) and/or globs on module names, or ``"all"`` for every kind
+            mdparam knows (see :mod:`mdparam.adapters`: Embedding, Conv1d/2d/3d,
+            GPT-2's Conv1D, fused MoE experts; add your own with
+            :func:`mdparam.register_adapter`). Default: nn.Linear only.
+        overrides: options per layer kind, ``{type or name glob: {option:
+            value}}``, for the options this call leaves at their defaults.
+            Kinds bring their own defaults too (embeddings: row sphere and row
+            gains); options passed to this call apply to every layer.
 
     Returns:
         The qualified names of the tensors now parametrized.
@@ -205,34 +281,38 @@ def register(
         >>> torch.allclose(model(x), before, atol=1e-6)
         True
     """
-    _check_choice(gains, "gains", GAINS)
-    _check_choice(sphere, "sphere", SPHERES)
-    _check_choice(gain_map, "gain_map", GAIN_MAPS)
-    _check_choice(init, "init", INITS)
+    explicit = {
+        "gains": gains,
+        "sphere": sphere,
+        "radius": radius,
+        "gain_map": gain_map,
+        "init": init,
+    }
     _check_choice(tied, "tied", TIED)
-    if isinstance(radius, str):
-        _check_choice(radius, "radius", RADIUS_POLICIES)
-    else:
-        resolve_radius(radius, torch.empty(1, 1, device="meta"), sphere)  # validates the number
-    if init == "preserve" and radius != "init" and not can_absorb(gains, sphere):
-        raise ValueError(
-            f"init='preserve' keeps the model's function, but gains={gains!r} cannot take up "
-            f"the norm that the {sphere!r} sphere removes. Use gains that cover the sphere's "
-            "units (flat: any but 'none'; row: 'rowcol' or 'row'; col: 'rowcol' or 'col'), "
-            "radius='init' (D keeps the weight's own norm), or init='sphere' (the paper's start)"
-        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"mdparam.register needs an nn.Module, got {type(model).__name__}")
+    take = _kind_matcher(layers, "layers")
+    override_list = []
+    for kind, values in (overrides or {}).items():
+        bad = [k for k in values if k not in explicit]
+        if bad:
+            raise ValueError(
+                f"overrides for {kind!r}: unknown options {bad}; choose from {list(explicit)}"
+            )
+        override_list.append((_kind_matcher(kind, "overrides"), values))
+    _check_options(_options_for("", nn.Module(), {}, explicit, []), "")
     _check_not_wrapped(model)
     include_fn = _as_matcher(include, "include")
     exclude_fn = _as_matcher(exclude, "exclude")
 
-    # 1. Select: (qualified tensor name, module, tensor name, layout).
+    # 1. Select: (qualified tensor name, module, tensor name, layout, options).
     supported, selected = [], []
     for mod_name, mod in model.named_modules():
         adapter = adapter_for(mod)
-        if adapter is None:
+        if adapter is None or not take(mod_name, mod):
             continue
+        opts = _options_for(mod_name, mod, adapter.defaults, explicit, override_list)
+        _check_options(opts, f" of {mod_name or '<root>'!r} ({type(mod).__name__})")
         for tensor_name, layout in adapter.tensors:
             qual = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
             supported.append(qual)
@@ -240,12 +320,13 @@ def register(
                 continue
             if exclude_fn is not None and exclude_fn(mod_name, qual, mod):
                 continue
-            selected.append((qual, mod, tensor_name, layout))
+            selected.append((qual, mod, tensor_name, layout, opts))
     if not selected:
         if not supported:
             raise ValueError(
-                f"mdparam.register found no supported layer (nn.Linear) in {type(model).__name__}; "
-                "nothing to parametrize"
+                f"mdparam.register found no layer of the kinds asked for (layers={layers!r}) in "
+                f"{type(model).__name__}; nothing to parametrize. Other kinds: layers='all', or "
+                "mdparam.register_adapter for your own"
             )
         shown = ", ".join(supported[:6]) + (", ..." if len(supported) > 6 else "")
         raise ValueError(
@@ -254,7 +335,7 @@ def register(
         )
 
     # 2. Check every selected tensor before touching anything.
-    for qual, mod, tensor_name, _ in selected:
+    for qual, mod, tensor_name, _, _ in selected:
         if _ours(mod, tensor_name) is not None:
             raise RuntimeError(
                 f"mdparam.register: {qual!r} is already registered. Call mdparam.remove(model) "
@@ -276,7 +357,7 @@ def register(
             raise ValueError(
                 f"mdparam.register: {qual!r} is empty (shape {tuple(t.shape)}); exclude it"
             )
-    for qual, mod, tensor_name, layout in selected:
+    for qual, mod, tensor_name, layout, _ in selected:
         t = getattr(mod, tensor_name)
         try:
             matrix_shape(t.shape, layout)
@@ -288,14 +369,14 @@ def register(
 
     # 3. Tied weights.
     holders = _tie_map(model)
-    plan: list[tuple[str, nn.Module, str, str]] = []
+    plan: list[tuple[str, nn.Module, str, str, dict]] = []
     skipped: list[str] = []
     planned_ids: set[int] = set()
-    for qual, mod, tensor_name, layout in selected:
+    for qual, mod, tensor_name, layout, opts in selected:
         t = getattr(mod, tensor_name)
         names = holders.get(id(t), [qual])
         if len(names) == 1:
-            plan.append((qual, mod, tensor_name, layout))
+            plan.append((qual, mod, tensor_name, layout, opts))
             continue
         if tied == "error":
             raise RuntimeError(
@@ -316,7 +397,7 @@ def register(
                 raise RuntimeError(
                     f"mdparam.register: tied holder {holder!r} is already parametrized"
                 )
-            plan.append((holder, hmod, tname, layout))
+            plan.append((holder, hmod, tname, layout, opts))
     if skipped:
         warnings.warn(
             "mdparam.register left out tied weights, which stay plain and tied: "
@@ -335,11 +416,11 @@ def register(
     done: list[tuple[nn.Module, str, nn.Parameter]] = []
     first_holder: dict[int, tuple[nn.Module, str]] = {}
     try:
-        for qual, mod, tensor_name, layout in plan:
+        for qual, mod, tensor_name, layout, opts in plan:
             original = getattr(mod, tensor_name)
             lead = first_holder.get(id(original))
             try:
-                _register_one(mod, tensor_name, layout, gains, sphere, radius, gain_map, init)
+                _register_one(mod, tensor_name, layout, **opts)
             except ValueError as e:
                 raise ValueError(f"mdparam.register: {qual!r}: {e}") from None
             done.append((mod, tensor_name, original))

@@ -1,0 +1,54 @@
+"""Hugging Face transformers: export a registered model as a folder from_pretrained loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import _unwrap, save_plain
+
+__all__ = ["save_pretrained"]
+
+
+def save_pretrained(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``config.json`` (and ``generation_config.json``) plus the fused ``model.safetensors``.
+
+    ``AutoModelForCausalLM.from_pretrained(folder)`` (or the model's own class)
+    then loads it without mdparam. The folder is created if needed; an
+    existing ``model.safetensors`` in it is refused unless ``overwrite``.
+
+    Example (transformers installed)::
+
+        model = AutoModelForCausalLM.from_config(config)
+        mdparam.register(model)
+        ...  # train
+        mdparam.save_pretrained(model, "out/")
+        plain = AutoModelForCausalLM.from_pretrained("out/")
+    """
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TypeError(
+            f"mdparam.save_pretrained needs a transformers model (with .config); {type(inner).__name__} "
+            "has none. Use mdparam.save_plain for other models"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.safetensors"
+    save_plain(
+        model, target, dtype=dtype, overwrite=overwrite
+    )  # checks and writes first: nothing half-done
+    config.save_pretrained(folder)
+    generation = getattr(inner, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(folder)
+    return folder

@@ -1,0 +1,118 @@
+"""Training diagnostics: what the gains are, and how far each direction moved."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor, nn
+
+from .maps import apply_gain_map
+from .register import registered
+from .views import to_matrix
+
+__all__ = ["stats"]
+
+_STATE = "_mdparam_stats_previous"  # attribute on each parametrization: the last call's record
+
+
+def _full(t: Tensor) -> Tensor:
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from .checkpoint import _unwrap as unwrap
+
+    return unwrap(model)
+
+
+def _sketch_matrix(
+    name: str, rows: int, d_out: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, d_out, generator=g, dtype=torch.float32) / rows**0.5).to(
+        device, dtype
+    )
+
+
+@torch.no_grad()
+def stats(
+    model: nn.Module, *, exact: bool = False, sketch_rows: int = 32, per_layer: bool = True
+) -> dict[str, float]:
+    """A flat dict of MD diagnostics, ready for any logger (TensorBoard, W&B, print).
+
+    For every parametrized tensor ``name`` (and, without the name, over all of
+    them: means averaged, minima and maxima taken over the layers):
+
+    - ``mdparam/{name}/row_gain_mean``, ``_min``, ``_max``: phi(r), the row
+      magnitudes; likewise ``col_gain_*`` and ``scalar_gain_*``;
+    - ``mdparam/{name}/direction_step``: ||D_now - D_then|| / ||D_now||, the
+      relative (angular) change of the direction since the previous call
+      (so, called after every optimizer step, the step the learning rate is
+      meant to set). Absent on the first call.
+
+    The direction step needs something of the previous direction. By default
+    a random sketch is kept: S D for a fixed Gaussian S of ``sketch_rows`` x
+    d_out, so ||S (D_now - D_then)|| estimates the change from
+    ``sketch_rows`` x d_in numbers per matrix (a few percent error at the
+    default 32 rows). ``exact=True`` keeps a full copy of every direction
+    instead. Under FSDP2 call it on every rank (it gathers the directions).
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = mdparam.register(model, init="sphere")
+        >>> s = mdparam.stats(model)
+        >>> round(s["mdparam/row_gain_mean"], 4), "mdparam/direction_step" in s
+        (1.0, False)
+        >>> opt = torch.optim.SGD(mdparam.param_groups(model, lr=0.1))
+        >>> _ = mdparam.Retraction(model).attach(opt)
+        >>> model(torch.randn(4, 8)).square().mean().backward(); opt.step()
+        >>> 0 < mdparam.stats(model)["mdparam/direction_step"] < 1
+        True
+    """
+    out: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    seen: set[int] = set()
+    for e in registered(_unwrap(model)):
+        if id(e.direction) in seen:  # tied="share": one direction, several holders
+            continue
+        seen.add(id(e.direction))
+        cfg = e.config
+        for role, raw in zip(cfg.roles[1:], e.gains):
+            mag = apply_gain_map(_full(raw.detach()).float(), cfg.gain_map)
+            for what, value in (("mean", mag.mean()), ("min", mag.min()), ("max", mag.max())):
+                key = f"{role}_{what}"
+                per.setdefault(key, []).append(float(value))
+                if per_layer:
+                    out[f"mdparam/{e.name}/{key}"] = float(value)
+        d = to_matrix(_full(e.direction.detach()), cfg.layout).float()
+        if exact:
+            record = ("exact", d.clone())
+        else:
+            s = _sketch_matrix(e.name, sketch_rows, d.shape[-2], d.dtype, d.device)
+            record = ("sketch", s @ d)
+        previous = getattr(e.parametrization, _STATE, None)
+        if (
+            previous is not None
+            and previous[0] == record[0]
+            and previous[1].shape == record[1].shape
+        ):
+            step = float((record[1] - previous[1]).norm() / d.norm())
+            per.setdefault("direction_step", []).append(step)
+            if per_layer:
+                out[f"mdparam/{e.name}/direction_step"] = step
+        setattr(e.parametrization, _STATE, record)
+    for key, values in per.items():
+        if key.endswith("_min"):
+            out[f"mdparam/{key}"] = min(values)
+        elif key.endswith("_max"):
+            out[f"mdparam/{key}"] = max(values)
+        else:
+            out[f"mdparam/{key}"] = sum(values) / len(values)
+        if key == "direction_step":
+            out["mdparam/direction_step_max"] = max(values)
+            out["mdparam/direction_step_min"] = min(values)
+    return out

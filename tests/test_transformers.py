@@ -1,0 +1,171 @@
+"""Hugging Face transformers round trips (optional: skipped without transformers)."""
+
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+import mdparam  # noqa: E402
+
+ARCHS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+}
+
+
+def tiny(arch, tie):
+    config_cls, model_cls = ARCHS[arch]
+    cfg = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    return cfg, model_cls(cfg)
+
+
+def train_a_few_steps(model, steps=3):
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=0.01))
+    mdparam.Retraction(model).attach(opt)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+X = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("tie", [False, True])
+def test_registered_model_exports_a_folder_from_pretrained_loads(arch, tie, tmp_path):
+    _, model = tiny(arch, tie)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = mdparam.register(model)
+    assert ("lm_head.weight" in names) is (not tie)
+    train_a_few_steps(model)
+    mdparam.save_pretrained(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert rel_err(loaded(X).logits, model(X).logits) <= 1e-5
+    if tie:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_pretrained_checkpoint_loads_into_a_registered_model(arch, tie, tmp_path):
+    _, pretrained = tiny(arch, tie)
+    pretrained.save_pretrained(tmp_path)  # a tied model's file has no lm_head.weight
+    _, model = tiny(arch, tie)
+    torch.manual_seed(1)
+    for p in model.parameters():  # a different starting point, to see the load take effect
+        p.data.normal_(0, 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdparam.register(model)
+    mdparam.load_plain(model, tmp_path / "model.safetensors")
+    with torch.no_grad():
+        assert rel_err(model(X).logits, pretrained(X).logits) <= 1e-5
+
+
+def test_tied_share_round_trip(tmp_path):
+    _, model = tiny("llama", True)
+    mdparam.register(model, tied="share")
+    assert (
+        model.lm_head.parametrizations.weight.original0
+        is model.model.embed_tokens.parametrizations.weight.original0
+    )
+    train_a_few_steps(model)
+    mdparam.save_pretrained(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert rel_err(loaded(X).logits, model(X).logits) <= 1e-5
+
+
+def test_gpt2_conv1d_and_moe_experts_register_and_round_trip(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = mdparam.register(gpt2, layers="all", exclude=["*wte*", "*wpe*"])
+    assert "transformer.h.0.attn.c_attn.weight" in names  # GPT-2's Conv1D
+    train_a_few_steps(gpt2, steps=2)
+    mdparam.save_pretrained(gpt2, tmp_path / "gpt2")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    gpt2.eval()  # GPT-2 has dropout
+    with torch.no_grad():
+        assert rel_err(loaded(X).logits, gpt2(X).logits) <= 1e-5
+
+    moe_cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    moe = transformers.Qwen3MoeForCausalLM(moe_cfg)
+    before = moe(X).logits
+    names = mdparam.register(moe, layers="all", exclude="*embed_tokens*")
+    assert any(n.endswith("experts.gate_up_proj") for n in names), names
+    with torch.no_grad():
+        assert rel_err(moe(X).logits, before) <= 1e-5
+    train_a_few_steps(moe, steps=2)
+    mdparam.save_pretrained(moe, tmp_path / "moe")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    with torch.no_grad():
+        assert rel_err(loaded(X).logits, moe(X).logits) <= 1e-5
+
+
+def test_trainer_recipe(tmp_path):
+    """transformers.Trainer with mdparam's optimizer groups and the retraction after each step."""
+    pytest.importorskip("accelerate")
+    _, model = tiny("llama", False)
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=0.01))
+    mdparam.Retraction(model).attach(opt)  # Trainer calls opt.step(); the hook retracts
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12), generator=g)
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(opt, sched)
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    for e in mdparam.registered(model):
+        assert float(e.direction.detach().norm()) == pytest.approx(
+            e.parametrization.sphere_radius(), rel=1e-5
+        )
+    safetensors.torch.save_file(mdparam.plain_state_dict(model), tmp_path / "plain.safetensors")
