@@ -32,7 +32,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import BENCH_GPT, ROOT, build_factored, build_pair, interleaved, summary, timed
+from workloads import (
+    BENCH_GPT,
+    ROOT,
+    build_factored,
+    build_optimizer_variants,
+    build_pair,
+    interleaved,
+    summary,
+    timed,
+)
 
 import mdparam
 
@@ -117,6 +126,54 @@ def section_small(args: argparse.Namespace) -> dict:
         for tokens in (8, 16, 32, 64)
     ]
     return _pairs(argparse.Namespace(**{**vars(args), "processes": 1}), variants)
+
+
+def section_optstep_child(args: argparse.Namespace) -> dict:
+    """One process: the four optimizer-step variants, interleaved (see build_optimizer_variants)."""
+    sides = build_optimizer_variants()
+    first = {
+        name: timed(side.step) for name, side in sides.items()
+    }  # compile of the model and the step
+    t = interleaved(
+        {name: side.step for name, side in sides.items()}, repeats=args.repeats, warmup=2
+    )
+    med = {name: statistics.median(v) for name, v in t.items()}
+    return {
+        "median_s": med,
+        "first_step_s": first,
+        "step_compile_s": {name: first[name] - med[name] for name in sides},
+    }
+
+
+def section_optstep(args: argparse.Namespace) -> dict:
+    """MD with mdparam.compile_step against plain AdamW (eager and compiled step) and heavyball."""
+    runs = [_child(["--section", "optstep_child"]) for _ in range(args.processes)]
+    names = list(runs[0]["median_s"])
+
+    def ratio(a: str, b: str) -> dict:
+        per = [r["median_s"][a] / r["median_s"][b] for r in runs]
+        return {"ratio": statistics.median(per), "per_process": per}
+
+    out = {
+        "md_compiled_step_over_plain": ratio("md_compiled_step", "plain"),
+        "md_compiled_step_over_plain_compiled_opt": ratio("md_compiled_step", "plain_compiled_opt"),
+        "plain_compiled_opt_over_plain": ratio("plain_compiled_opt", "plain"),
+        "md_eager_retraction_over_plain_compiled_opt": ratio(
+            "md_compiled_opt_eager_retraction", "plain_compiled_opt"
+        ),
+        "first_step_s": {n: statistics.median(r["first_step_s"][n] for r in runs) for n in names},
+        "runs": runs,
+    }
+    if "heavyball" in names:
+        out["heavyball_over_plain"] = ratio("heavyball", "plain")
+        out["md_compiled_step_over_heavyball"] = ratio("md_compiled_step", "heavyball")
+    for k, v in out.items():
+        if isinstance(v, dict) and "ratio" in v:
+            print(
+                f"  {k}: {v['ratio']:.3f} {[round(x, 3) for x in v['per_process']]}",
+                file=sys.stderr,
+            )
+    return out
 
 
 def section_retraction_child(args: argparse.Namespace) -> dict:
@@ -260,6 +317,7 @@ def section_recompiles(args: argparse.Namespace) -> dict:
 SECTIONS = {
     "step": section_step,
     "retraction": section_retraction,
+    "optstep": section_optstep,
     "compile": section_compile,
     "memory": section_memory,
     "recompiles": section_recompiles,
@@ -270,6 +328,7 @@ CHILD_ONLY = {
     "memory_child": section_memory_child,
     "pair_child": section_pair_child,
     "retraction_child": section_retraction_child,
+    "optstep_child": section_optstep_child,
 }
 
 
@@ -436,6 +495,31 @@ def render(r: dict) -> str:
         f"| retraction as a share of a compiled MD step | {x(get('default', *frac), '{:.2%}')} "
         f"| {x(get('tuned', *frac), '{:.2%}')} | <= 0.5% |"
     )
+    for label, key, target in (
+        (
+            "MD step with mdparam.compile_step / plain step (optimizer eager)",
+            "md_compiled_step_over_plain",
+            "<= 1.00x",
+        ),
+        (
+            "heavyball HyperBallAdamW step / plain step (optimizer eager)",
+            "heavyball_over_plain",
+            "MD at or ahead",
+        ),
+        (
+            "MD step with compile_step / plain step with compiled optimizer",
+            "md_compiled_step_over_plain_compiled_opt",
+            "<= 1.02x",
+        ),
+        (
+            "plain step with compiled optimizer / plain step (optimizer eager)",
+            "plain_compiled_opt_over_plain",
+            "",
+        ),
+    ):
+        lines.append(
+            f"| {label} | {x(get('default', 'optstep', key, 'ratio'))} | {x(get('tuned', 'optstep', key, 'ratio'))} | {target} |"
+        )
     rel = ("retraction", "relative_fraction_of_compiled_step")
     lines.append(
         f"| relative-step mode (record D + rescale the step + retract) as a share of a compiled MD step "

@@ -83,6 +83,69 @@ def build_pair(
     return sides[0], sides[1]
 
 
+def build_optimizer_variants(
+    cfg: GPTConfig = BENCH_GPT, batch: int = 8, seq: int = 128, seed: int = 0
+) -> dict:
+    """Compiled models, four ways of stepping them: what issue "compiled training step" compares.
+
+    - ``plain``: plain model, eager AdamW (foreach), the default users run;
+    - ``plain_compiled_opt``: plain model, AdamW step compiled (tensor LR);
+    - ``md_compiled_step``: MD model, mdparam.compile_step(AdamW + retraction);
+    - ``md_compiled_opt_eager_retraction``: MD model, compile_step(AdamW) and the
+      retraction attached as usual (eager, per tensor) after it;
+    - ``heavyball``: plain model, heavyball.HyperBallAdamW (optional peer; its
+      optimizer-level sphere compiles its own step), when heavyball is installed.
+    """
+    torch.manual_seed(seed)
+    base = GPT(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
+    y = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
+    out = {}
+
+    def side(name, model, opt, stepper):
+        fwd = torch.compile(model, fullgraph=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+        def step() -> float:
+            loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            stepper()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        out[name] = Side(name, model, opt, step, None, (x, y), True, False)
+
+    m = copy.deepcopy(base)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)
+    side("plain", m, opt, opt.step)
+
+    m = copy.deepcopy(base)
+    opt = torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-3), weight_decay=0.1)
+    side("plain_compiled_opt", m, opt, torch.compile(opt.step))
+
+    m = copy.deepcopy(base)
+    mdparam.register(m)
+    opt = torch.optim.AdamW(mdparam.param_groups(m, lr=1e-3, gain_lr=1e-3))
+    side("md_compiled_step", m, opt, mdparam.compile_step(opt, mdparam.Retraction(m)))
+
+    m = copy.deepcopy(base)  # the same, but the retraction runs eagerly after the compiled step
+    mdparam.register(m)
+    opt = torch.optim.AdamW(mdparam.param_groups(m, lr=1e-3, gain_lr=1e-3))
+    mdparam.Retraction(m).attach(opt)
+    side("md_compiled_opt_eager_retraction", m, opt, mdparam.compile_step(opt))
+
+    try:
+        import heavyball
+    except ImportError:
+        return out
+    m = copy.deepcopy(base)
+    opt = heavyball.HyperBallAdamW(m.parameters(), lr=1e-3)
+    side("heavyball", m, opt, opt.step)
+    return out
+
+
 def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """y = phi(r) * ((x * phi(c)) @ D^T) + bias: never builds W (rowcol gains only)."""
     from mdparam.maps import apply_gain_map

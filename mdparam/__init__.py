@@ -12,6 +12,7 @@ by any torch.optim optimizer.
 
 from .adapters import Adapter, register_adapter
 from .checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
+from .compiled_step import CompiledStep, compile_step
 from .hf import save_pretrained
 from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
 from .parametrization import MagnitudeDirection, MDConfig, fuse
@@ -23,12 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "CompiledStep",
     "MDConfig",
     "MagnitudeDirection",
     "Registered",
     "Retraction",
     "RetractionError",
     "__version__",
+    "compile_step",
     "fuse",
     "load_plain",
     "load_training",

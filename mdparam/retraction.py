@@ -172,8 +172,15 @@ class Retraction:
             self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
             self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
         self._previous: list[Tensor] | None = None  # relative step: D before the step
+        self._groups: list[dict] = []  # relative step: each direction's param group
         self._lr_sources: list[tuple[dict, Tensor]] = []  # (param group, its lr as a tensor)
         self._lrs: list[Tensor] = []
+        self._attached = 0
+
+    @property
+    def attached(self) -> bool:
+        """Whether an optimizer hook runs this retraction (see :meth:`attach`)."""
+        return self._attached > 0
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -195,21 +202,47 @@ class Retraction:
             )
         norms = self._fn(self.directions, self._spheres, self._layouts, self._radii)
         if self.check:
-            flat = torch.cat([n.reshape(-1) for n in norms])
-            if not bool(torch.isfinite(flat).all() & (flat > 0).all()):
-                bad = [
-                    name
-                    for name, n in zip(self.names, norms)
-                    if not bool(torch.isfinite(n).all() & (n > 0).all())
-                ]
-                raise RetractionError(
-                    f"mdparam.Retraction: the direction of {', '.join(map(repr, bad))} has a zero "
-                    "or non-finite norm after the optimizer step (a zero direction is kept at "
-                    "zero rather than turned into NaN). The step diverged: lower the learning "
-                    "rate, clip gradients, or check the data for inf/NaN"
-                )
+            self.check_norms(norms)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    def check_norms(self, norms: list[Tensor]) -> None:
+        """Raise :class:`RetractionError` if any norm the retraction saw was zero or not finite."""
+        flat = torch.cat([n.reshape(-1) for n in norms])
+        if not bool(torch.isfinite(flat).all() & (flat > 0).all()):
+            bad = [
+                name
+                for name, n in zip(self.names, norms)
+                if not bool(torch.isfinite(n).all() & (n > 0).all())
+            ]
+            raise RetractionError(
+                f"mdparam.Retraction: the direction of {', '.join(map(repr, bad))} has a zero "
+                "or non-finite norm after the optimizer step (a zero direction is kept at "
+                "zero rather than turned into NaN). The step diverged: lower the learning "
+                "rate, clip gradients, or check the data for inf/NaN"
+            )
+
+    def bind_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        """Relative-step mode: read each direction's learning rate from ``optimizer``'s groups."""
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
+        if missing:
+            raise ValueError(
+                f"mdparam.Retraction(relative_step=True): the optimizer does not hold the "
+                f"directions of {missing[:3]}; in relative-step mode one optimizer must step them all"
+            )
+        self._groups = [group_of[id(d)] for d in self.directions]
+        lr_of_group: dict[int, Tensor] = {}
+        self._lr_sources, self._lrs = [], []
+        for d, g in zip(self.directions, self._groups):
+            if id(g) not in lr_of_group:
+                lr_of_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
+                self._lr_sources.append((g, lr_of_group[id(g)]))
+            self._lrs.append(lr_of_group[id(g)])
+
+    def current_lrs(self) -> list[Tensor | float]:
+        """Each direction's relative step now: its group's lr over any ``mdparam_lr_scale``."""
+        return [g["lr"] / g.get("mdparam_lr_scale", 1.0) for g in self._groups]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> _Handles:
         """Run the retraction after every ``optimizer.step()``.
 
         ``optimizer`` must hold the directions (with Muon's recipe, attach to
@@ -234,44 +267,35 @@ class Retraction:
             def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                 self()
 
-            return optimizer.register_step_post_hook(post)
+            return _Handles(self, [optimizer.register_step_post_hook(post)])
 
-        missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
-        if missing:
-            raise ValueError(
-                f"mdparam.Retraction(relative_step=True).attach: the optimizer does not hold the "
-                f"directions of {missing[:3]}; in relative-step mode one optimizer must step them all"
-            )
-        lr_of_group: dict[int, Tensor] = {}
-        self._lr_sources, self._lrs = [], []
-        for d in self.directions:
-            g = group_of[id(d)]
-            if id(g) not in lr_of_group:
-                lr_of_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
-                self._lr_sources.append((g, lr_of_group[id(g)]))
-            self._lrs.append(lr_of_group[id(g)])
-        self._previous = [
-            torch.empty_like(d, memory_format=torch.contiguous_format) for d in self.directions
-        ]
+        self.bind_lrs(optimizer)
+        local = [d.to_local() if self.sharded else d for d in self.directions]
+        self._previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
 
         def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             with torch.no_grad():
                 for prev, d in zip(self._previous, self.directions):
-                    prev.copy_(d)
+                    prev.copy_(d.to_local() if self.sharded else d)
 
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self()
 
         handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
-        return _Handles(handles)
+        return _Handles(self, handles)
 
 
 class _Handles:
-    """Removes several hooks at once, like one RemovableHandle."""
+    """Removes the hooks :meth:`Retraction.attach` added, like a RemovableHandle."""
 
-    def __init__(self, handles: list[RemovableHandle]) -> None:
+    def __init__(self, owner: Retraction, handles: list[RemovableHandle]) -> None:
+        self.owner = owner
         self.handles = handles
+        owner._attached += 1
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        if self.handles:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+            self.owner._attached -= 1

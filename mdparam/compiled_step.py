@@ -1,0 +1,135 @@
+"""The optimizer step and the retraction captured together by torch.compile."""
+
+from __future__ import annotations
+
+import inspect
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from .retraction import Retraction, relative_step_, retract_
+
+__all__ = ["CompiledStep", "compile_step"]
+
+
+def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
+    """Float learning rates become 0-d tensors, so a scheduler changing them is not a recompile.
+
+    Schedulers write into tensor LRs in place (``fill_``); the optimizer keeps
+    working as usual, state_dict included.
+    """
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], Tensor):
+            device = group["params"][0].device if group["params"] else "cpu"
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+class CompiledStep:
+    """``optimizer.step()`` and the retraction as one compiled function; see :func:`compile_step`."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        retraction: Retraction | None = None,
+        *,
+        compile: bool = True,
+        **compile_options: Any,
+    ) -> None:
+        if retraction is not None:
+            if retraction.attached:
+                raise ValueError(
+                    "mdparam.compile_step: this Retraction is attached to an optimizer, so it would run "
+                    "twice. Build it without attach() (or remove the handle attach returned): the "
+                    "compiled step runs it"
+                )
+            if retraction.sharded:
+                raise ValueError(
+                    "mdparam.compile_step does not support FSDP2-sharded directions yet"
+                )
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            missing = [
+                n for n, d in zip(retraction.names, retraction.directions) if id(d) not in held
+            ]
+            if missing:
+                raise ValueError(
+                    f"mdparam.compile_step: the optimizer does not step the directions of {missing[:3]}; "
+                    "give it the optimizer that holds all directions"
+                )
+            if retraction.relative_step:
+                retraction.bind_lrs(optimizer)
+        if optimizer.defaults.get("differentiable"):
+            raise ValueError("mdparam.compile_step: differentiable optimizers are not supported")
+        _tensor_lrs(optimizer)
+        # torch.optim's step() graph-breaks around its body to switch grad mode off;
+        # calling the undecorated body inside our own no_grad keeps step and
+        # retraction in one graph. Its hooks are run here, outside the graph.
+        self._raw_step = inspect.unwrap(type(optimizer).step)
+        self.optimizer = optimizer
+        self.retraction = retraction
+        self.compiled = compile
+        self._fn = torch.compile(self._step, **compile_options) if compile else self._step
+
+    def _step(self) -> list[Tensor] | None:
+        r = self.retraction
+        if r is not None and r.relative_step:
+            previous = [d.detach().clone() for d in r.directions]
+        self._raw_step(self.optimizer)
+        if r is None:
+            return None
+        if r.relative_step:
+            lrs = r.current_lrs()
+            relative_step_(r.directions, previous, r._spheres, r._layouts, r._radii, lrs)
+        return retract_(r.directions, r._spheres, r._layouts, r._radii)
+
+    def __call__(self) -> None:
+        opt = self.optimizer
+        for hook in chain(
+            _global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
+        ):
+            hook(opt, (), {})
+        with torch.no_grad():
+            norms = self._fn()
+        opt._optimizer_step_code()
+        for hook in chain(
+            opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+        ):
+            hook(opt, (), {})
+        opt._opt_called = True  # what an LR scheduler's wrapper of step() records
+        if norms is not None and self.retraction.check:
+            self.retraction.check_norms(norms)
+
+
+def compile_step(
+    optimizer: torch.optim.Optimizer,
+    retraction: Retraction | None = None,
+    *,
+    compile: bool = True,
+    **compile_options: Any,
+) -> CompiledStep:
+    """One compiled callable for ``optimizer.step()`` followed by the retraction.
+
+    Call the result where you would call ``optimizer.step()``. The optimizer
+    stays a normal torch.optim object: its state_dict, param groups and LR
+    schedulers work as before. Its float learning rates are turned into 0-d
+    tensors (schedulers update those in place), so a changing LR does not
+    recompile. The retraction must not also be attached. Works with AdamW,
+    SGD and the other torch.optim optimizers that torch.compile supports, with
+    a compiled or an eager model. ``compile_options`` go to ``torch.compile``.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = mdparam.register(model)
+        >>> opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.01))
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 100)
+        >>> step = mdparam.compile_step(opt, mdparam.Retraction(model))
+        >>> for _ in range(2):
+        ...     model(torch.randn(4, 8)).square().mean().backward()
+        ...     step(); sched.step(); opt.zero_grad()
+        >>> round(float(model[0].parametrizations.weight.original0.detach().norm()), 4)
+        2.8284
+    """
+    return CompiledStep(optimizer, retraction, compile=compile, **compile_options)
