@@ -451,6 +451,10 @@ def main() -> None:
             results.setdefault(alloc, {})[name] = res
             path.write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
     (out_dir / "speed.md").write_text(render(results))
+    if out_dir.resolve() == RESULTS.resolve():
+        from readme import insert
+
+        insert("speed", render(results))
     print(render(results))
 
 

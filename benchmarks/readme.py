@@ -1,0 +1,24 @@
+"""Put a benchmark's Markdown table into README.md, between its markers.
+
+Each benchmark command ends by calling :func:`insert`, so the tables in the
+README are always the ones its last run wrote (``<!-- begin:NAME -->`` ...
+``<!-- end:NAME -->``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def insert(name: str, text: str, readme: Path = README) -> bool:
+    """Replace the block between the markers of ``name``; False if the README has none."""
+    begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True
