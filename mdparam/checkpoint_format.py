@@ -123,7 +123,10 @@ def check_kind(meta: Mapping[str, str], expected: str, source: str) -> None:
             "mdparam.kind='training'), not a plain one. Resume with "
             "mdparam.load_training(model, path), or fuse it first: python -m export IN OUT"
         )
-    raise ValueError(f"{source} has unknown mdparam.kind {kind!r}; expected {expected!r}")
+    raise ValueError(
+        f"{source} has unknown mdparam.kind {kind!r}; expected {expected!r}. It was written by "
+        f"another mdparam version (mdparam.version = {meta.get(LIB_VERSION)!r}): use that version"
+    )
 
 
 def parse_training_metadata(meta: Mapping[str, str], source: str) -> dict[str, FusedSpec]:

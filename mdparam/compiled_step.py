@@ -60,8 +60,12 @@ class CompiledStep:
                 )
             if retraction.relative_step:
                 retraction.bind_lrs(optimizer)
+                self._previous = [torch.empty_like(d) for d in retraction.directions]
         if optimizer.defaults.get("differentiable"):
-            raise ValueError("mdparam.compile_step: differentiable optimizers are not supported")
+            raise ValueError(
+                "mdparam.compile_step: differentiable optimizers are not supported; build the "
+                "optimizer with differentiable=False or call optimizer.step() yourself"
+            )
         _tensor_lrs(optimizer)
         # torch.optim's step() graph-breaks around its body to switch grad mode off;
         # calling the undecorated body inside our own no_grad keeps step and
@@ -75,14 +79,17 @@ class CompiledStep:
     def _step(self) -> list[Tensor] | None:
         r = self.retraction
         if r is not None and r.relative_step:
-            previous = [d.detach().clone() for d in r.directions]
+            for prev, d in zip(self._previous, r.directions):
+                prev.copy_(d)
         self._raw_step(self.optimizer)
         if r is None:
             return None
+        radii = r.radii()
         if r.relative_step:
-            lrs = r.current_lrs()
-            relative_step_(r.directions, previous, r._spheres, r._layouts, r._radii, lrs)
-        return retract_(r.directions, r._spheres, r._layouts, r._radii)
+            relative_step_(
+                r.directions, self._previous, r._spheres, r._layouts, radii, r.current_lrs()
+            )
+        return retract_(r.directions, r._spheres, r._layouts, radii)
 
     def __call__(self) -> None:
         opt = self.optimizer

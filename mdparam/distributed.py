@@ -6,8 +6,9 @@ matrix for a flat sphere, each column for a col sphere) needs the other
 ranks' partial sums: every rank computes its local squared norms, all of
 them go into one buffer, and one all-reduce per process group makes them
 global. Norms over dimensions held whole on each rank (rows of a row sphere
-sharded by rows) need no collective. Under DDP parameters are replicated
-plain tensors and none of this is used.
+sharded by rows, each expert of a batched weight sharded by experts) need no
+collective. Under DDP parameters are replicated plain tensors and none of
+this is used.
 """
 
 from __future__ import annotations
@@ -18,18 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .sphere import norm_dtype, sphere_dims
+from .sphere import sphere_dims, sphere_norm
 from .views import to_matrix
 
-__all__ = [
-    "is_sharded",
-    "local_radius",
-    "relative_step_sharded_",
-    "retract_sharded_",
-    "sharded_norms",
-]
-
-_TINY = 1e-30
+__all__ = ["is_sharded", "local_radius", "norms_are_global", "sharded_norms"]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -40,34 +33,42 @@ def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _matrix_dims_of_storage(layout: str, ndim: int) -> dict[int, int | None]:
-    """Storage dim -> the matrix dim it becomes (-2 out, -1 in, None for a batch or merged dim)."""
+def _matrix_dim(layout: str, ndim: int, storage_dim: int) -> int | None:
+    """The matrix dim (-2 out, -1 in) a storage dim becomes; None for a batch dim."""
     if layout == "linear":
-        return {0: -2, 1: -1}
+        return (-2, -1)[storage_dim]
     if layout == "transposed":
-        return {0: -1, 1: -2}
+        return (-1, -2)[storage_dim]
     if layout == "flatten_in":
-        return {0: -2, **{k: -1 for k in range(1, ndim)}}
+        return -2 if storage_dim == 0 else -1
     if layout == "batched":
-        return {**{k: None for k in range(ndim - 2)}, ndim - 2: -2, ndim - 1: -1}
+        return {ndim - 2: -2, ndim - 1: -1}.get(storage_dim)
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def _sharded_dims(d: Tensor) -> list[tuple[int, int]]:
+    """(mesh dim, storage dim) for every Shard placement of a DTensor."""
+    return [(m, p.dim % d.ndim) for m, p in enumerate(d.placements) if p.is_shard()]
 
 
 def _reduce_groups(d: Tensor, sphere: str, layout: str) -> list:
     """Process groups over which this direction's local norms are partial sums."""
     reduced = set(sphere_dims(sphere))
-    to_matrix_dim = _matrix_dims_of_storage(layout, d.ndim)
-    groups = []
-    for mesh_dim, placement in enumerate(d.placements):
-        if placement.is_shard():
-            storage_dim = placement.dim % d.ndim
-            if to_matrix_dim[storage_dim] in reduced:
-                groups.append(d.device_mesh.get_group(mesh_dim))
-    return groups
+    return [
+        d.device_mesh.get_group(mesh_dim)
+        for mesh_dim, storage_dim in _sharded_dims(d)
+        if _matrix_dim(layout, d.ndim, storage_dim) in reduced
+    ]
+
+
+def norms_are_global(d: Tensor, sphere: str, layout: str) -> bool:
+    """Whether every rank sees all of this direction's norms (after the all-reduce)."""
+    reduced = set(sphere_dims(sphere))
+    return all(_matrix_dim(layout, d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
 
 
 def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tensor:
-    """The part of a per-unit radius tensor that belongs to this rank's shard."""
+    """The part of a radius tensor (``radius="init"``) that belongs to this rank's shard."""
     if not isinstance(radius, Tensor):
         return radius
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -75,18 +76,20 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
     local_shape, offset = compute_local_shape_and_global_offset(
         d.shape, d.device_mesh, d.placements
     )
-    to_matrix_dim = _matrix_dims_of_storage(layout, d.ndim)
     out = radius
     for storage_dim, (size, start) in enumerate(zip(local_shape, offset)):
-        mdim = to_matrix_dim[storage_dim]
-        full = d.shape[storage_dim]
-        if size == full:
+        if size == d.shape[storage_dim]:
             continue
-        if mdim is None or out.shape[mdim] == 1:
-            continue  # a dim the radius does not vary along
+        mdim = _matrix_dim(layout, d.ndim, storage_dim)
+        rdim = storage_dim if mdim is None else out.ndim + mdim  # batch dims lead in both
+        if out.shape[rdim] == 1:
+            continue  # the radius does not vary along this dim
         if layout == "flatten_in" and storage_dim > 0:
-            raise NotImplementedError("per-unit radius on a convolution sharded along its kernel")
-        out = out.narrow(mdim, start, size)
+            raise NotImplementedError(
+                "radius='init' on a convolution sharded along its kernel is not supported; "
+                "use radius='shape' or shard along the output channels"
+            )
+        out = out.narrow(rdim, start, size)
     return out
 
 
@@ -95,20 +98,21 @@ def _all_reduce(flat: Tensor, group: object) -> None:
 
 
 def sharded_norms(
-    directions: Sequence[Tensor], spheres: Sequence[str], layouts: Sequence[str]
+    locals_: Sequence[Tensor],
+    like: Sequence[Tensor],
+    spheres: Sequence[str],
+    layouts: Sequence[str],
 ) -> list[Tensor]:
-    """Global norms (per sphere unit, keepdim, fp32 for low precision) of DTensor directions.
+    """Global norms per sphere unit (keepdim) of local shards laid out like the DTensors ``like``.
 
     One all-reduce per distinct process group, whatever the number of tensors.
     """
-    squares: list[Tensor] = []
+    squares = [
+        sphere_norm(to_matrix(t, layout), sphere).square_()
+        for t, sphere, layout in zip(locals_, spheres, layouts)
+    ]
     pending: dict[int, tuple[object, list[int]]] = {}
-    for i, (d, sphere, layout) in enumerate(zip(directions, spheres, layouts)):
-        m = to_matrix(d.to_local(), layout)
-        n = torch.linalg.vector_norm(
-            m, dim=sphere_dims(sphere), keepdim=True, dtype=norm_dtype(m.dtype)
-        )
-        squares.append(n.square_())
+    for i, (d, sphere, layout) in enumerate(zip(like, spheres, layouts)):
         for group in _reduce_groups(d, sphere, layout):
             pending.setdefault(id(group), (group, []))[1].append(i)
     for group, idx in pending.values():
@@ -122,46 +126,8 @@ def sharded_norms(
     return [s.sqrt_() for s in squares]
 
 
-def retract_sharded_(
-    directions: Sequence[Tensor],
-    spheres: Sequence[str],
-    layouts: Sequence[str],
-    radii: Sequence[float | Tensor],
-) -> list[Tensor]:
-    """:func:`mdparam.retraction.retract_` for DTensor directions: global norms, local rescale."""
-    norms = sharded_norms(directions, spheres, layouts)
-    for d, layout, radius, n in zip(directions, layouts, radii, norms):
-        to_matrix(d.to_local(), layout).mul_(radius / n.clamp_min(_TINY))
-    return norms
-
-
-def relative_step_sharded_(
-    directions: Sequence[Tensor],
-    previous: Sequence[Tensor],
-    spheres: Sequence[str],
-    layouts: Sequence[str],
-    radii: Sequence[float | Tensor],
-    lrs: Sequence[Tensor],
-) -> None:
-    """:func:`mdparam.retraction.relative_step_` for DTensor directions (previous: local shards)."""
-    steps = []
-    for d, prev in zip(directions, previous):
-        torch.sub(d.to_local(), prev, out=prev)
-        steps.append(prev)
-    norms = _norms_like(directions, steps, spheres, layouts)
-    for d, u, layout, radius, lr, n in zip(directions, steps, layouts, radii, lrs, norms):
-        m = to_matrix(d.to_local(), layout)
-        m.addcmul_(to_matrix(u, layout), lr * radius / n.clamp_min(_TINY) - 1)
-
-
-def _norms_like(directions, locals_, spheres, layouts) -> list[Tensor]:
-    """Global norms of local tensors sharded like ``directions``."""
-    from torch.distributed.tensor import DTensor
-
-    wrapped = [
-        DTensor.from_local(
-            t, d.device_mesh, d.placements, run_check=False, shape=d.shape, stride=d.stride()
-        )
-        for t, d in zip(locals_, directions)
-    ]
-    return sharded_norms(wrapped, spheres, layouts)
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

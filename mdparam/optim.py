@@ -25,8 +25,8 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             role_of[id(g)] = "gain"
     if not role_of:
         raise ValueError(
-            "mdparam.param_groups: the model has no MD-parametrized tensor; call "
-            "mdparam.register(model) before building the optimizer"
+            "mdparam: the model has no MD-parametrized tensor, so there are no directions or "
+            "gains to group; call mdparam.register(model) before building the optimizer"
         )
     out: dict[str, list[nn.Parameter]] = {r: [] for r in ROLES}
     for p in model.parameters():
@@ -102,8 +102,8 @@ def muon_param_groups(model: nn.Module, lr: float, **group_options: Any) -> list
 
     Muon's orthogonalised update U has ||U||_F = sqrt(min(d_out, d_in)); the
     paper scales it by sqrt(max/min) so that ||lr * U||_F = lr * R on the
-    default flat sphere (R = sqrt(max)): ``lr`` is then the relative step
-    of the direction, whatever the shape. torch's Muon always applies its own
+    default flat sphere with ``radius="shape"`` (R = sqrt(max)): ``lr`` is then
+    the relative step of the direction, whatever the shape. torch's Muon always applies its own
     factor sqrt(max(1, d_out/d_in)), so each group's lr is set to
     ``lr * sqrt(max/min) / that factor``; one group per shape, tagged
     ``"mdparam_role": "direction"`` and ``"mdparam_lr_scale"``.

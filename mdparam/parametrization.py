@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .maps import GAIN_MAPS, apply_gain_map, invert_gain_map, neutral_raw_gain
+from .maps import GAIN_MAPS, apply_gain_map, invert_gain_map
 from .sphere import SPHERES, sphere_norm
 from .views import LAYOUTS, from_matrix, matrix_shape, to_matrix
 
@@ -55,8 +55,8 @@ def _gain_shape(role: str, mshape: tuple[int, ...]) -> tuple[int, ...]:
 class MDConfig:
     """Everything needed to fuse one parametrized tensor, JSON-serialisable.
 
-    ``radius`` is a number, or None when the radius differs per unit (then it
-    is stored as a tensor beside the originals).
+    ``radius`` is a number, or None when the radius is a tensor kept beside
+    the originals (``radius="init"``).
     """
 
     gains: str
@@ -160,10 +160,15 @@ class _ScaleRowsCols(torch.autograd.Function):
     inductor fuses them.
     """
 
+    generate_vmap_rule = True  # torch.func transforms (vmap, per-sample grads) work too
+
     @staticmethod
-    def forward(ctx, d: Tensor, a: Tensor, b: Tensor) -> Tensor:  # a: (.., o, 1), b: (.., 1, i)
-        ctx.save_for_backward(d, a, b)
+    def forward(d: Tensor, a: Tensor, b: Tensor) -> Tensor:  # a: (.., o, 1), b: (.., 1, i)
         return torch.mul(d, a).mul_(b)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -174,9 +179,12 @@ class _ScaleRowsCols(torch.autograd.Function):
             p = grad * d
             ga = p @ b.mT if need_a else None  # sum_j grad_ij d_ij b_j
             gb = a.mT @ p if need_b else None  # sum_i a_i grad_ij d_ij
-            gd = torch.mul(grad, a, out=p).mul_(b) if need_d else None  # reuse p's memory
+            if need_d:
+                # reuse p's memory, unless this backward is itself differentiated
+                # (create_graph, torch.func), where out= is not allowed
+                gd = grad * a * b if torch.is_grad_enabled() else torch.mul(grad, a, out=p).mul_(b)
         elif need_d:
-            gd = torch.mul(grad, a).mul_(b)
+            gd = grad * a * b if torch.is_grad_enabled() else torch.mul(grad, a).mul_(b)
         return gd, ga, gb
 
 
@@ -251,9 +259,11 @@ class MagnitudeDirection(nn.Module):
         if (config.radius is None) != (radius is not None):
             raise ValueError("give a radius tensor exactly when config.radius is None")
         self.config = config
-        # register() sets this while it registers with init="sphere": right_inverse
-        # then returns the projected weight and neutral gains instead of absorbing.
+        # register() sets this while it registers with init="sphere" (and
+        # reinitialize() for such layers): right_inverse then returns the projected
+        # weight and neutral gains instead of absorbing the norm.
         self.start_on_sphere = False
+        self.init = "preserve"  # the init option the layer was registered with
         if radius is not None:
             self.register_buffer("radius", radius)
         else:
@@ -294,10 +304,11 @@ class MagnitudeDirection(nn.Module):
                 raise ValueError(
                     f"gains={cfg.gains!r} cannot take up the norm that the {cfg.sphere!r} "
                     f"sphere removes from this weight (off by {err:.2e} relative), so the "
-                    "fused weight would not equal it. Use gains that cover the sphere's "
-                    "units (flat: any but 'none'; row: 'rowcol' or 'row'; col: 'rowcol' "
-                    "or 'col'), or radius='init' so that D keeps the weight's own norm, "
-                    "or init='sphere' to start from the projected weight instead"
+                    "fused weight would not equal it. Register with gains that cover the "
+                    "sphere's units (flat: any but 'none'; row: 'rowcol' or 'row'; col: "
+                    "'rowcol' or 'col'); at registration, radius='init' (D keeps the "
+                    "weight's own norm) or init='sphere' (start from the projected weight) "
+                    "also avoid this"
                 )
         dtype, device = weight.dtype, weight.device
         originals = [from_matrix(direction, cfg.layout, cfg.shape).to(dtype)]
@@ -305,14 +316,9 @@ class MagnitudeDirection(nn.Module):
             originals.append(invert_gain_map(mags[role], cfg.gain_map).to(dtype).contiguous())
         return tuple(t.to(device).contiguous() for t in originals)
 
-    def neutral_gains(self) -> tuple[Tensor, ...]:
-        """Raw gains with phi = 1 (the paper's start), on the CPU in fp32."""
-        value = neutral_raw_gain(self.config.gain_map)
-        return tuple(torch.full(self.config.gain_shape(r), value) for r in self.config.roles[1:])
-
     def extra_repr(self) -> str:
         cfg = self.config
-        radius = "per-unit" if cfg.radius is None else f"{cfg.radius:.4g}"
+        radius = "from init" if cfg.radius is None else f"{cfg.radius:.4g}"
         return (
             f"gains={cfg.gains}, sphere={cfg.sphere}, radius={radius}, "
             f"gain_map={cfg.gain_map}, layout={cfg.layout}"

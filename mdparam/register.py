@@ -137,16 +137,19 @@ def _check_not_wrapped(model: nn.Module) -> None:
             )
 
 
-def _tie_map(model: nn.Module) -> dict[int, list[str]]:
-    holders: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(p), []).append(name)
-    return holders
+def _tie_map(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Parameter id -> its holders (qualified name, module, attribute), one per module.
 
-
-def _split(qualname: str) -> tuple[str, str]:
-    mod_name, _, tensor_name = qualname.rpartition(".")
-    return mod_name, tensor_name
+    A module that appears twice in the tree (reused) holds its weight once: that
+    is not a tie. Two modules holding one Parameter are.
+    """
+    holders: dict[int, dict[tuple[int, str], tuple[str, nn.Module, str]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for tname, p in mod._parameters.items():
+            if p is not None:
+                qual = f"{mod_name}.{tname}" if mod_name else tname
+                holders.setdefault(id(p), {}).setdefault((id(mod), tname), (qual, mod, tname))
+    return {k: list(v.values()) for k, v in holders.items()}
 
 
 class _Default(str):
@@ -374,8 +377,9 @@ def register(
     planned_ids: set[int] = set()
     for qual, mod, tensor_name, layout, opts in selected:
         t = getattr(mod, tensor_name)
-        names = holders.get(id(t), [qual])
-        if len(names) == 1:
+        others = [h for h in holders.get(id(t), []) if h[1] is not mod or h[2] != tensor_name]
+        names = [qual] + [h[0] for h in others]
+        if not others:
             plan.append((qual, mod, tensor_name, layout, opts))
             continue
         if tied == "error":
@@ -390,12 +394,11 @@ def register(
         if id(t) in planned_ids:
             continue
         planned_ids.add(id(t))
-        for holder in names:
-            mod_name, tname = _split(holder)
-            hmod = model.get_submodule(mod_name)
+        for holder, hmod, tname in [(qual, mod, tensor_name), *others]:
             if parametrize.is_parametrized(hmod, tname):
                 raise RuntimeError(
-                    f"mdparam.register: tied holder {holder!r} is already parametrized"
+                    f"mdparam.register: tied holder {holder!r} already carries a parametrization; "
+                    "remove it first, or pass tied='skip'"
                 )
             plan.append((holder, hmod, tname, layout, opts))
     if skipped:
@@ -459,7 +462,8 @@ def _register_one(
         shape=tuple(weight.shape),
         radius=r if isinstance(r, float) else None,
     )
-    param = MagnitudeDirection(config, None if isinstance(r, float) else r.to(weight.dtype))
+    param = MagnitudeDirection(config, None if isinstance(r, float) else r)
+    param.init = init
     param.start_on_sphere = init == "sphere"
     try:
         parametrize.register_parametrization(mod, tensor_name, param)
@@ -468,18 +472,25 @@ def _register_one(
 
 
 def _unparametrize(mod: nn.Module, tensor_name: str, value: Tensor) -> None:
-    """Replace a parametrized tensor by ``value`` without touching the injected class.
+    """Replace a parametrized tensor by ``value`` without editing the injected class.
 
-    torch's remove_parametrizations deletes the property from the injected
-    class, which a deepcopy shares with its original; switching the instance
-    back to its base class leaves the shared class alone.
+    torch's remove_parametrizations deletes the property from the class that
+    parametrize injected, which a deepcopy shares with its original (the
+    original then loses the attribute). Here the instance moves to a class of
+    its own: its base class, or, when other tensors stay parametrized, a fresh
+    copy of the injected class without this property.
     """
+    cls = mod.__class__
     if len(mod.parametrizations) == 1:
-        base = mod.__class__.__bases__[0]
         delattr(mod, "parametrizations")
-        mod.__class__ = base
+        mod.__class__ = cls.__bases__[0]
     else:
-        delattr(mod.__class__, tensor_name)
+        body = {
+            k: v
+            for k, v in cls.__dict__.items()
+            if k not in (tensor_name, "__dict__", "__weakref__")
+        }
+        mod.__class__ = type(cls.__name__, cls.__bases__, body)
         del mod.parametrizations[tensor_name]
     if isinstance(value, nn.Parameter):
         mod.register_parameter(tensor_name, value)
@@ -528,7 +539,8 @@ def reinitialize(model: nn.Module, fn: Callable[[nn.Module], None] | None = None
     parametrized module writes into a freshly computed temporary and changes
     nothing. This runs the initialisation against the fused weights held in
     ``parametrize.cached()``, then assigns each result back through the
-    parametrization (D projected, gains taking up the norm).
+    parametrization as at registration: D projected, and the gains taking up
+    the norm (``init="preserve"``) or set to 1 (``init="sphere"``).
 
     Args:
         model: a registered model.
@@ -560,5 +572,9 @@ def reinitialize(model: nn.Module, fn: Callable[[nn.Module], None] | None = None
         values = [getattr(e.module, e.tensor_name).detach().clone() for e in entries]
     with torch.no_grad():
         for e, value in zip(entries, values):
-            setattr(e.module, e.tensor_name, value)
+            e.parametrization.start_on_sphere = e.parametrization.init == "sphere"
+            try:
+                setattr(e.module, e.tensor_name, value)
+            finally:
+                e.parametrization.start_on_sphere = False
     return [e.name for e in entries]

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .distributed import is_sharded, local_radius, relative_step_sharded_, retract_sharded_
+from .distributed import any_rank, is_sharded, local_radius, norms_are_global, sharded_norms
 from .register import registered
 from .sphere import sphere_norm
-from .views import to_matrix
+from .views import to_matrix, write_back
 
 __all__ = ["Retraction", "RetractionError", "retract_"]
 
@@ -26,21 +26,24 @@ def retract_(
     spheres: Sequence[str],
     layouts: Sequence[str],
     radii: Sequence[float | Tensor],
+    norms: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Rescale each direction in place to its sphere's radius; return the norms found.
+    """Rescale each direction in place to its sphere's radius; return the norms used.
 
     Each tensor is normed and rescaled in turn, so the second pass reads it
-    while it is still in cache. A direction of norm zero stays zero (the norm
-    is clamped before dividing), not NaN; the caller checks the returned norms
-    for zeros and non-finite values.
+    while it is still in cache. ``norms`` (keepdim, per sphere unit) replaces
+    the local norms, as the sharded path does with global ones. A direction of
+    norm zero stays zero (the norm is clamped before dividing), not NaN; the
+    caller checks the returned norms for zeros and non-finite values.
     """
-    norms = []
-    for d, sphere, layout, radius in zip(directions, spheres, layouts, radii):
+    used = []
+    for i, (d, sphere, layout, radius) in enumerate(zip(directions, spheres, layouts, radii)):
         m = to_matrix(d, layout)
-        n = sphere_norm(m, sphere)  # keepdim, fp32 for bf16/fp16: the product is taken in fp32
+        n = sphere_norm(m, sphere) if norms is None else norms[i]  # fp32 for bf16/fp16
         m.mul_(radius / n.clamp_min(_TINY))
-        norms.append(n)
-    return norms
+        write_back(m, d, layout)
+        used.append(n)
+    return used
 
 
 _TINY = 1e-30
@@ -52,23 +55,30 @@ def relative_step_(
     spheres: Sequence[str],
     layouts: Sequence[str],
     radii: Sequence[float | Tensor],
-    lrs: Sequence[Tensor],
+    lrs: Sequence[Tensor | float],
+    norm_fn: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> None:
     """Rescale each direction's last step to length lr x radius, in place.
 
     With U = D - D_prev (whatever the base optimizer did), sets
-    D = D_prev + lr * R * U / ||U||, the norm taken per unit of the sphere.
-    ``previous`` is overwritten with U. A unit with U = 0 (no gradient) is
-    left where it was.
+    D = D_prev + lr * R * U / ||U||, the norm taken per unit of the sphere
+    (by ``norm_fn`` if given, e.g. global norms of shards). ``previous`` is
+    overwritten with U. A unit with U = 0 (no gradient) stays where it was.
     """
-    for d, prev, sphere, layout, radius, lr in zip(
-        directions, previous, spheres, layouts, radii, lrs
-    ):
-        m, u = to_matrix(d, layout), to_matrix(prev, layout)
-        torch.sub(m, u, out=u)
-        n = sphere_norm(u, sphere)
+    for d, prev in zip(directions, previous):
+        torch.sub(d, prev, out=prev)  # prev := U
+    if norm_fn is None:
+        norms = [
+            sphere_norm(to_matrix(u, layout), sphere)
+            for u, sphere, layout in zip(previous, spheres, layouts)
+        ]
+    else:
+        norms = norm_fn(list(previous))
+    for d, u, layout, radius, lr, n in zip(directions, previous, layouts, radii, lrs, norms):
+        m = to_matrix(d, layout)
         # D_prev + s U = D + (s - 1) U: one pass over D and U
-        m.addcmul_(u, lr * radius / n.clamp_min(_TINY) - 1)
+        m.addcmul_(to_matrix(u, layout), lr * radius / n.clamp_min(_TINY) - 1)
+        write_back(m, d, layout)
 
 
 class Retraction:
@@ -131,18 +141,18 @@ class Retraction:
         seen: set[int] = set()
         self.names: list[str] = []
         self.directions: list[nn.Parameter] = []
+        self._params: list[nn.Module] = []  # radii are read from these at every call
         self._spheres: list[str] = []
         self._layouts: list[str] = []
-        self._radii: list[float | Tensor] = []
         for e in entries:
             if id(e.direction) in seen:  # tied="share": one direction, several holders
                 continue
             seen.add(id(e.direction))
             self.names.append(e.name)
             self.directions.append(e.direction)
+            self._params.append(e.parametrization)
             self._spheres.append(e.config.sphere)
             self._layouts.append(e.config.layout)
-            self._radii.append(e.parametrization.sphere_radius())
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         self.sharded = any(is_sharded(d) for d in self.directions)
@@ -153,6 +163,7 @@ class Retraction:
         self.relative_step = relative_step
         self._fn: Callable[..., list[Tensor]] = retract_
         self._step_fn: Callable[..., None] = relative_step_
+        self._global_norms = True
         if self.sharded:
             if not all(is_sharded(d) for d in self.directions):
                 raise ValueError(
@@ -161,17 +172,18 @@ class Retraction:
                 )
             if self.compiled:
                 raise ValueError(
-                    "mdparam.Retraction: compile=True is not supported for FSDP2-sharded directions"
+                    "mdparam.Retraction: compile=True is not supported for FSDP2-sharded "
+                    "directions; use compile=False (or 'auto')"
                 )
-            self._radii = [
-                local_radius(d, lay, r)
-                for d, lay, r in zip(self.directions, self._layouts, self._radii)
-            ]
-            self._fn, self._step_fn = retract_sharded_, relative_step_sharded_
+            self._global_norms = all(
+                norms_are_global(d, s, lay)
+                for d, s, lay in zip(self.directions, self._spheres, self._layouts)
+            )
         elif self.compiled:
             self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
             self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
         self._previous: list[Tensor] | None = None  # relative step: D before the step
+        self._pending = False  # relative step: a step was taken since D was recorded
         self._groups: list[dict] = []  # relative step: each direction's param group
         self._lr_sources: list[tuple[dict, Tensor]] = []  # (param group, its lr as a tensor)
         self._lrs: list[Tensor] = []
@@ -182,32 +194,66 @@ class Retraction:
         """Whether an optimizer hook runs this retraction (see :meth:`attach`)."""
         return self._attached > 0
 
+    def radii(self) -> list[float | Tensor]:
+        """Each direction's radius now (a float, or this rank's part of a radius tensor)."""
+        radii = [p.sphere_radius() for p in self._params]
+        if self.sharded:
+            radii = [
+                local_radius(d, lay, r) for d, lay, r in zip(self.directions, self._layouts, radii)
+            ]
+        return radii
+
     @torch.no_grad()
     def __call__(self) -> None:
+        radii = self.radii()
+        if self.sharded:
+            local = [d.to_local() for d in self.directions]
+
+            def norm_fn(tensors: list[Tensor]) -> list[Tensor]:
+                return sharded_norms(tensors, self.directions, self._spheres, self._layouts)
+
+        else:
+            local, norm_fn = self.directions, None
         if self.relative_step:
             if self._previous is None:
                 raise RuntimeError(
                     "mdparam.Retraction(relative_step=True) needs the directions from before "
                     "the step: use retract.attach(optimizer), which records them"
                 )
-            for group, lr in self._lr_sources:
-                lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
-            self._step_fn(
-                self.directions,
-                self._previous,
-                self._spheres,
-                self._layouts,
-                self._radii,
-                self._lrs,
-            )
-        norms = self._fn(self.directions, self._spheres, self._layouts, self._radii)
+            if self._pending:  # once per recorded step: a second call only retracts
+                for group, lr in self._lr_sources:
+                    lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
+                args = (local, self._previous, self._spheres, self._layouts, radii, self._lrs)
+                if self.sharded:
+                    self._step_fn(*args, norm_fn)
+                else:
+                    self._step_fn(*args)
+                self._pending = False
+        if self.sharded:
+            norms = self._fn(local, self._spheres, self._layouts, radii, norm_fn(local))
+        else:
+            norms = self._fn(local, self._spheres, self._layouts, radii)
         if self.check:
             self.check_norms(norms)
 
     def check_norms(self, norms: list[Tensor]) -> None:
-        """Raise :class:`RetractionError` if any norm the retraction saw was zero or not finite."""
+        """Raise :class:`RetractionError` if any norm the retraction saw was zero or not finite.
+
+        Sharded directions whose norms are local to a rank (row spheres split by
+        rows) agree on the outcome through one small all-reduce, so that every
+        rank raises together rather than one rank leaving the others waiting.
+        """
         flat = torch.cat([n.reshape(-1) for n in norms])
-        if not bool(torch.isfinite(flat).all() & (flat > 0).all()):
+        bad_here = not bool(torch.isfinite(flat).all() & (flat > 0).all())
+        if self.sharded and not self._global_norms:
+            bad_anywhere = any_rank(bad_here, flat.device)
+            if bad_anywhere and not bad_here:
+                raise RetractionError(
+                    "mdparam.Retraction: another rank found a direction with a zero or non-finite "
+                    "norm after the optimizer step; see that rank's error for the layer. Lower "
+                    "the learning rate, clip gradients, or check the data for inf/NaN"
+                )
+        if bad_here:
             bad = [
                 name
                 for name, n in zip(self.names, norms)
@@ -277,6 +323,7 @@ class Retraction:
             with torch.no_grad():
                 for prev, d in zip(self._previous, self.directions):
                     prev.copy_(d.to_local() if self.sharded else d)
+            self._pending = True
 
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self()

@@ -152,7 +152,7 @@ def _umask() -> int:
 
 
 def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Check a destination before anything is written; returns it as a Path."""
+    """Check a destination (file or checkpoint directory) before anything is written."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(
@@ -236,7 +236,10 @@ def write_file(
     offset = 0
     for name, dtype, shape in specs:
         if dtype not in _NAMES:
-            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+            raise TypeError(
+                f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors; cast it "
+                "(dtype=torch.float32 or torch.bfloat16) before saving"
+            )
         numel = 1
         for s in shape:
             numel *= int(s)

@@ -81,11 +81,13 @@ def shape_radius(d_out: int, d_in: int, sphere: str) -> float:
 
 
 def resolve_radius(radius: str | float, matrix: Tensor, sphere: str) -> float | Tensor:
-    """Turn a radius policy into a number (or, for per-unit ``"init"``, a tensor).
+    """Turn a radius policy into a number, or for ``"init"`` a tensor.
 
-    ``matrix`` is the weight's matrix view at registration. Returns a Python
-    float when every unit has the same radius, else a tensor that broadcasts
-    like :func:`sphere_norm`.
+    ``matrix`` is the weight's matrix view at registration. ``"shape"`` and
+    numbers give a Python float (a function of the shape or the option, so
+    nothing to save). ``"init"`` gives the weight's norms as a tensor that
+    broadcasts like :func:`sphere_norm` (fp32 for bf16/fp16 weights): it is
+    kept with the model's state, so a checkpoint or DCP resume restores it.
     """
     if isinstance(radius, str):
         if radius == "shape":
@@ -103,7 +105,7 @@ def resolve_radius(radius: str | float, matrix: Tensor, sphere: str) -> float | 
                     "radius='init' needs a weight whose norm (per unit of the "
                     f"{sphere!r} sphere) is finite and non-zero"
                 )
-            return float(norms) if norms.numel() == 1 else norms
+            return norms
         raise ValueError(
             f"unknown radius {radius!r}; choose one of {RADIUS_POLICIES} or a positive number"
         )

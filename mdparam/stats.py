@@ -7,6 +7,7 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import _full, _unwrap
 from .maps import apply_gain_map
 from .register import registered
 from .views import to_matrix
@@ -14,17 +15,6 @@ from .views import to_matrix
 __all__ = ["stats"]
 
 _STATE = "_mdparam_stats_previous"  # attribute on each parametrization: the last call's record
-
-
-def _full(t: Tensor) -> Tensor:
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else t
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from .checkpoint import _unwrap as unwrap
-
-    return unwrap(model)
 
 
 def _sketch_matrix(
@@ -73,8 +63,8 @@ def stats(
         >>> 0 < mdparam.stats(model)["mdparam/direction_step"] < 1
         True
     """
-    out: dict[str, float] = {}
-    per: dict[str, list[float]] = {}
+    keys: list[tuple[str | None, str]] = []  # (layer name or None, statistic) for each value
+    values: list[Tensor] = []
     seen: set[int] = set()
     for e in registered(_unwrap(model)):
         if id(e.direction) in seen:  # tied="share": one direction, several holders
@@ -83,11 +73,8 @@ def stats(
         cfg = e.config
         for role, raw in zip(cfg.roles[1:], e.gains):
             mag = apply_gain_map(_full(raw.detach()).float(), cfg.gain_map)
-            for what, value in (("mean", mag.mean()), ("min", mag.min()), ("max", mag.max())):
-                key = f"{role}_{what}"
-                per.setdefault(key, []).append(float(value))
-                if per_layer:
-                    out[f"mdparam/{e.name}/{key}"] = float(value)
+            keys += [(e.name, f"{role}_mean"), (e.name, f"{role}_min"), (e.name, f"{role}_max")]
+            values += [mag.mean(), mag.min(), mag.max()]
         d = to_matrix(_full(e.direction.detach()), cfg.layout).float()
         if exact:
             record = ("exact", d.clone())
@@ -100,19 +87,24 @@ def stats(
             and previous[0] == record[0]
             and previous[1].shape == record[1].shape
         ):
-            step = float((record[1] - previous[1]).norm() / d.norm())
-            per.setdefault("direction_step", []).append(step)
-            if per_layer:
-                out[f"mdparam/{e.name}/direction_step"] = step
+            keys.append((e.name, "direction_step"))
+            values.append((record[1] - previous[1]).norm() / d.norm())
         setattr(e.parametrization, _STATE, record)
-    for key, values in per.items():
+    numbers = torch.stack(values).tolist() if values else []  # one read-back for everything
+    out: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    for (name, key), value in zip(keys, numbers):
+        per.setdefault(key, []).append(value)
+        if per_layer:
+            out[f"mdparam/{name}/{key}"] = value
+    for key, vals in per.items():
         if key.endswith("_min"):
-            out[f"mdparam/{key}"] = min(values)
+            out[f"mdparam/{key}"] = min(vals)
         elif key.endswith("_max"):
-            out[f"mdparam/{key}"] = max(values)
+            out[f"mdparam/{key}"] = max(vals)
         else:
-            out[f"mdparam/{key}"] = sum(values) / len(values)
+            out[f"mdparam/{key}"] = sum(vals) / len(vals)
         if key == "direction_step":
-            out["mdparam/direction_step_max"] = max(values)
-            out["mdparam/direction_step_min"] = min(values)
+            out["mdparam/direction_step_max"] = max(vals)
+            out["mdparam/direction_step_min"] = min(vals)
     return out

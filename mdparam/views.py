@@ -2,8 +2,11 @@
 
 The maths of MD decoupling is about matrices: rows are outputs, columns are
 inputs. Layers store their weights in other layouts; a *layout* names the view
-that turns the stored tensor into that matrix (always a view, never a copy, so
-the direction keeps the stored shape and shards like the plain weight).
+that turns the stored tensor into that matrix. The direction keeps the stored
+shape (so it shards like the plain weight), and the matrix is a view of it,
+except for a ``flatten_in`` tensor whose trailing dims cannot be merged (a
+channels_last convolution): then it is a copy, and in-place work must be
+written back (:func:`write_back`).
 
 - ``linear``: (d_out, d_in), as nn.Linear.
 - ``transposed``: (d_in, d_out), as transformers' GPT-2 ``Conv1D``.
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "from_matrix", "matrix_shape", "to_matrix"]
+__all__ = ["LAYOUTS", "from_matrix", "is_view", "matrix_shape", "to_matrix", "write_back"]
 
 LAYOUTS = ("linear", "transposed", "flatten_in", "batched")
 
@@ -69,3 +72,23 @@ def from_matrix(m: Tensor, layout: str, shape: Sequence[int]) -> Tensor:
     if layout == "flatten_in":
         return m.reshape(shape)
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def is_view(t: Tensor, layout: str) -> bool:
+    """Whether :func:`to_matrix` of ``t`` is a view (decided from the strides alone)."""
+    if layout != "flatten_in":
+        return True
+    for k in range(1, t.ndim - 1):
+        if (
+            t.shape[k + 1] != 1
+            and t.shape[k] != 1
+            and t.stride(k) != t.stride(k + 1) * t.shape[k + 1]
+        ):
+            return False
+    return True
+
+
+def write_back(matrix: Tensor, t: Tensor, layout: str) -> None:
+    """Copy in-place changes made to ``to_matrix(t)`` back into ``t`` when that was a copy."""
+    if not is_view(t, layout):
+        t.copy_(from_matrix(matrix, layout, t.shape))

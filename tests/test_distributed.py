@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import rel_err, tiny_gpt
-from dist_worker import batch, launch, scenario_train
+from dist_worker import batch, launch, scenario_kinds, scenario_train
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +92,15 @@ def test_compiled_fsdp_model_trains(tmp_path):
     print("compiled FSDP2:", result["graphs"], "graphs,", result["graph_breaks"], "graph breaks")
     assert len(result["losses"]) == 3 and max(result["sphere"]) <= 1e-5
     assert result["graphs"] >= 1
+
+
+def test_fsdp_row_col_spheres_init_radius_experts_and_relative_step(tmp_path):
+    scenario_kinds(0, 1, "single", tmp_path)
+    launch("kinds", "fsdp", tmp_path)
+    single, single_w = load(tmp_path, "kinds_single")
+    fsdp, fsdp_w = load(tmp_path, "kinds_fsdp")
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(fsdp["losses"], single["losses"]))
+    weight_err = max(rel_err(fsdp_w[k], single_w[k]) for k in single_w)
+    print(f"kinds: max relative loss difference {loss_err:.2e}, weight difference {weight_err:.2e}")
+    assert loss_err <= 1e-5 and weight_err <= 1e-4
+    assert max(fsdp["sphere"]) <= 1e-5
