@@ -300,10 +300,15 @@ def plot(data: dict, s: dict, out_dir: Path) -> None:
 
     methods = sorted({m for m, _ in s}, key=METHODS.index)
     widths = sorted({w for _, w in s})
-    fig, axes = plt.subplots(
-        1, len(methods), figsize=(3.6 * len(methods), 3.4), sharey=True, squeeze=False
-    )
-    for ax, m in zip(axes[0], methods):
+    from matplotlib.ticker import NullFormatter
+
+    cols = 3
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows), sharey=True, squeeze=False)
+    flat_axes = [ax for row in axes for ax in row]
+    for ax in flat_axes[len(methods) :]:
+        ax.set_visible(False)
+    for ax, m in zip(flat_axes, methods):
         for w in widths:
             runs = runs_of(data, m, w)
             pts = sorted((r["config"]["lr"], score(r)) for r in runs.values())
@@ -313,10 +318,12 @@ def plot(data: dict, s: dict, out_dir: Path) -> None:
             if (m, w) in s:
                 ax.plot([s[(m, w)]["best_lr"]], [s[(m, w)]["mean"]], "k*", ms=9)
         ax.set_xscale("log")
-        ax.set_title(m)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{m} (star: mean of 3 seeds at the best LR)", fontsize=9)
         ax.set_xlabel("learning rate")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation loss (nats / byte)")
+        ax.grid(alpha=0.3, which="both")
+    for row in axes:
+        row[0].set_ylabel("validation loss (nats / byte)")
     axes[0][0].legend()
     lows = [v["mean"] for v in s.values()]
     axes[0][0].set_ylim(min(lows) - 0.05, min(lows) + 0.8)
