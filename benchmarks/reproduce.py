@@ -304,7 +304,9 @@ def plot(data: dict, s: dict, out_dir: Path) -> None:
 
     cols = 3
     rows = (len(methods) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.4 * cols, 3.6 * rows), sharey=True, squeeze=False
+    )
     flat_axes = [ax for row in axes for ax in row]
     for ax in flat_axes[len(methods) :]:
         ax.set_visible(False)

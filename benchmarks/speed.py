@@ -193,9 +193,11 @@ def section_retraction_child(args: argparse.Namespace) -> dict:
     relative = mdparam.Retraction(md.model, relative_step=True)
     relative.attach(torch.optim.SGD(mdparam.param_groups(md.model, lr=0.0)))
 
-    def relative_step() -> None:
-        for prev, d in zip(relative._previous, relative.directions):
-            prev.copy_(d)
+    def relative_step() -> None:  # what the pre- and post-step hooks do around one step
+        with torch.no_grad():
+            for prev, d in zip(relative._previous, relative.directions):
+                prev.copy_(d)
+        relative._pending = True
         relative()
 
     t = interleaved(
@@ -204,7 +206,7 @@ def section_retraction_child(args: argparse.Namespace) -> dict:
         warmup=5,
     )
     steps = interleaved({"md_step": md.step}, repeats=max(5, args.repeats // 2), warmup=1)
-    r, rel, c, s = (statistics.median(t[k]) for k in ("retract", "relative", "copy"))
+    r, rel, c = (statistics.median(t[k]) for k in ("retract", "relative", "copy"))
     s = statistics.median(steps["md_step"])
     return {
         "direction_elements": sum(d.numel() for d in dirs),
