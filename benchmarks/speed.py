@@ -17,6 +17,7 @@ parameters), 8 x 128 tokens per step, fp32, AdamW.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -369,6 +370,13 @@ def _child(extra: list[str], cold: bool = False) -> dict:
 _PASS: list[str] = []
 
 
+def _version_of(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -426,6 +434,7 @@ def main() -> None:
         "torch": torch.__version__,
         "mdparam": mdparam.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "heavyball": _version_of("heavyball"),
     }
     results["workload"] = {
         "model": "examples/gpt.py GPT",
