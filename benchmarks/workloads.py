@@ -90,9 +90,10 @@ def build_optimizer_variants(
 
     - ``plain``: plain model, eager AdamW (foreach), the default users run;
     - ``plain_compiled_opt``: plain model, AdamW step compiled (tensor LR);
-    - ``md_compiled_step``: MD model, mdparam.compile_step(AdamW + retraction);
-    - ``md_compiled_opt_eager_retraction``: MD model, compile_step(AdamW) and the
-      retraction attached as usual (eager, per tensor) after it;
+    - ``md_compiled_step``: MD model, mdparam.compile_step(AdamW, Retraction(m)):
+      on the CPU the retraction runs eagerly, per tensor, after the compiled step;
+    - ``md_compiled_step_retraction_in_graph``: the same with Retraction(m,
+      compile=True), captured in the step's graph;
     - ``heavyball``: plain model, heavyball.HyperBallAdamW (optional peer; its
       optimizer-level sphere compiles its own step), when heavyball is installed.
     """
@@ -130,11 +131,11 @@ def build_optimizer_variants(
     opt = torch.optim.AdamW(mdparam.param_groups(m, lr=1e-3, gain_lr=1e-3))
     side("md_compiled_step", m, opt, mdparam.compile_step(opt, mdparam.Retraction(m)))
 
-    m = copy.deepcopy(base)  # the same, but the retraction runs eagerly after the compiled step
+    m = copy.deepcopy(base)  # the same, with the retraction inside the step's graph
     mdparam.register(m)
     opt = torch.optim.AdamW(mdparam.param_groups(m, lr=1e-3, gain_lr=1e-3))
-    mdparam.Retraction(m).attach(opt)
-    side("md_compiled_opt_eager_retraction", m, opt, mdparam.compile_step(opt))
+    retraction = mdparam.Retraction(m, compile=True)
+    side("md_compiled_step_retraction_in_graph", m, opt, mdparam.compile_step(opt, retraction))
 
     try:
         import heavyball
