@@ -70,8 +70,10 @@ def test_compiled_step_equals_the_eager_step(opt_name, relative, in_graph):
     # Inductor orders Adam's arithmetic differently; dividing by sqrt(v) amplifies the
     # last-bit differences in rarely-updated entries. torch's own compiled AdamW differs
     # from its eager AdamW by ~1e-4 (relative to each tensor's largest entry) after the
-    # same 6 steps on this model; SGD has no such amplification.
-    assert worst <= (1e-4 if opt_name == "adamw" else 1e-6)
+    # same 6 steps on this model; SGD has no such amplification. The relative step
+    # forms U = D - D_prev, which cancels about log10(1/lr) ~ 2 digits, so a last-bit
+    # difference in a fused reduction grows ~50x there.
+    assert worst <= (1e-4 if opt_name == "adamw" else 5e-5 if relative else 1e-6)
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
 
 
