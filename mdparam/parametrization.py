@@ -8,6 +8,7 @@ file-to-file converter all call it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,13 +139,12 @@ def fuse(
     """
     matrix = to_matrix(direction, config.layout)
     mags = _magnitudes(tuple(raw_gains), config.gains, config.gain_map)
-    if (
-        len(mags) == 2
-        and not inplace
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    ):
-        return from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.layout, config.shape)
+    if len(mags) == 2 and not inplace:
+        if torch.compiler.is_compiling():
+            if _OPAQUE_FUSE:
+                return from_matrix(_scale_rows_cols_op(matrix, *mags), config.layout, config.shape)
+        elif torch.is_grad_enabled():
+            return from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.layout, config.shape)
     for mag in mags:
         # Elementwise products round the same in place or not: every path agrees bitwise.
         matrix = matrix.mul_(mag) if inplace else matrix * mag
@@ -186,6 +186,56 @@ class _ScaleRowsCols(torch.autograd.Function):
         elif need_d:
             gd = grad * a * b if torch.is_grad_enabled() else torch.mul(grad, a).mul_(b)
         return gd, ga, gb
+
+
+# Under torch.compile the fuse is normally traced, and inductor fuses its products
+# and reductions with their neighbours. MDPARAM_OPAQUE_FUSE=1 (read at import) runs
+# it as an opaque op instead, with the eager kernels: measured on the benchmark GPT,
+# cold compiles get faster and steps slower (benchmarks/speed.py, "compile" and
+# "step" sections). For jobs that compile often and train briefly.
+_OPAQUE_FUSE = os.environ.get("MDPARAM_OPAQUE_FUSE", "0") == "1"
+
+
+@torch.library.custom_op("mdparam::scale_rows_cols", mutates_args=())
+def _scale_rows_cols_op(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.mul(d, a).mul_(b)
+
+
+@_scale_rows_cols_op.register_fake
+def _(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.empty_like(d, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mdparam::scale_rows_cols_backward", mutates_args=())
+def _scale_rows_cols_backward_op(
+    grad: Tensor, d: Tensor, a: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    p = grad * d
+    ga = p @ b.mT
+    gb = a.mT @ p
+    gd = torch.mul(grad, a, out=p).mul_(b)
+    return gd, ga, gb
+
+
+@_scale_rows_cols_backward_op.register_fake
+def _(grad: Tensor, d: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        torch.empty_like(grad, memory_format=torch.contiguous_format),
+        a.new_empty(a.shape),
+        b.new_empty(b.shape),
+    )
+
+
+def _scale_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _scale_backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d, a, b = ctx.saved_tensors
+    return _scale_rows_cols_backward_op(grad.contiguous(), d, a, b)
+
+
+_scale_rows_cols_op.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
 def _absorb(

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import byte_batches, rel_err, tiny_gpt
+from torch._dynamo.testing import AotEagerAndRecordGraphs
 from torch._dynamo.utils import counters
 
 import mdparam
@@ -64,3 +65,30 @@ def test_compiled_training_has_no_graph_breaks_and_no_recompiles():
     plain = GPT(model.cfg)
     plain.load_state_dict(mdparam.plain_state_dict(compiled), strict=True)
     assert rel_err(plain(x), logits) <= 1e-6
+
+
+def test_opaque_fuse_matches_the_traced_fuse(monkeypatch):
+    """MDPARAM_OPAQUE_FUSE=1: the fuse is one opaque op in the graph, same values and grads."""
+    import mdparam.parametrization as mp
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    mdparam.register(model)
+    x = torch.randn(5, 16)
+    results = []
+    for opaque in (False, True):
+        monkeypatch.setattr(mp, "_OPAQUE_FUSE", opaque)
+        torch._dynamo.reset()
+        model.zero_grad()
+        backend = AotEagerAndRecordGraphs()  # AOT autograd: fake kernels and backward op too
+        out = torch.compile(model, fullgraph=True, backend=backend)(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        fw = "".join(str(g.graph) for g in backend.fw_graphs)
+        bw = "".join(str(g.graph) for g in backend.bw_graphs)
+        assert ("scale_rows_cols." in fw) == opaque
+        assert ("scale_rows_cols_backward" in bw) == opaque
+    (a, ga), (b, gb) = results
+    assert rel_err(b, a) <= 1e-6
+    assert all(rel_err(q, p) <= 1e-6 for p, q in zip(ga, gb))
