@@ -303,15 +303,7 @@ def write_sharded(
     """
     import shutil
 
-    dirpath = Path(dirpath)
-    if not dirpath.parent.is_dir():
-        raise FileNotFoundError(
-            f"the directory of {dirpath} does not exist; create it first (nothing was written)"
-        )
-    if dirpath.exists() and not overwrite:
-        raise FileExistsError(
-            f"{dirpath} already exists; pass overwrite=True (--force) to replace it"
-        )
+    dirpath = atomic_path(dirpath, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.", suffix=".tmp", dir=dirpath.parent))
     old = None
     try:
