@@ -473,11 +473,68 @@ def main() -> None:
             results.setdefault(alloc, {})[name] = res
             path.write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
     (out_dir / "speed.md").write_text(render(results))
+    plot(results, out_dir / "speed.png")
     if out_dir.resolve() == RESULTS.resolve():
         from readme import insert
 
         insert("speed", render(results))
     print(render(results))
+
+
+def plot(r: dict, path: Path) -> None:
+    """A bar chart of the main MD / plain ratios against their targets (both allocators)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        ("step, eager fp32", ("step", "eager_fp32", "ratio"), 1.05),
+        ("step, compiled fp32", ("step", "compiled_fp32", "ratio"), 1.02),
+        ("step, eager bf16", ("step", "eager_bf16", "ratio"), None),
+        ("step, compiled bf16", ("step", "compiled_bf16", "ratio"), None),
+        ("retraction / copy bound", ("retraction", "retract_over_bound"), 1.10),
+        ("cold compile", ("compile", "ratio"), 1.20),
+        ("cold compile, opaque fuse", ("compile", "opaque_fuse_ratio"), None),
+        ("peak RSS, eager", ("memory", "eager", "peak_ratio"), None),
+        (
+            "compile_step / plain (eager opt)",
+            ("optstep", "md_compiled_step_over_plain", "ratio"),
+            1.00,
+        ),
+        ("heavyball / plain (eager opt)", ("optstep", "heavyball_over_plain", "ratio"), None),
+        (
+            "compile_step / plain (compiled opt)",
+            ("optstep", "md_compiled_step_over_plain_compiled_opt", "ratio"),
+            1.02,
+        ),
+    ]
+
+    def get(alloc: str, keys: tuple[str, ...]) -> float:
+        node = r.get(alloc, {})
+        for k in keys:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        return node if isinstance(node, int | float) else float("nan")
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ys = range(len(rows))
+    for off, alloc, color in ((-0.2, "default", "tab:blue"), (0.2, "tuned", "tab:orange")):
+        vals = [get(alloc, keys) - 1 for _, keys, _ in rows]
+        label = "default allocator" if alloc == "default" else "GLIBC_TUNABLES set"
+        ax.barh([y + off for y in ys], vals, height=0.38, left=1, color=color, label=label)
+    for y, (_, _, target) in zip(ys, rows):
+        if target is not None:
+            ax.plot([target, target], [y - 0.45, y + 0.45], color="black", lw=2)
+    ax.plot([], [], color="black", lw=2, label="target")
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yticks(list(ys), [label for label, _, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("MD / plain (1 = no cost)")
+    ax.set_title(f"mdparam speed suite, benchmark GPT, {r.get('machine', {}).get('date', '')}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render(r: dict) -> str:
