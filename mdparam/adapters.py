@@ -55,7 +55,9 @@ def _make(
 ) -> Adapter:
     pairs = tuple(tensors.items()) if isinstance(tensors, Mapping) else tuple(tensors)
     if not pairs:
-        raise ValueError("an adapter needs at least one (tensor name, layout) pair")
+        raise ValueError(
+            "an adapter needs at least one (tensor name, layout) pair, e.g. {'weight': 'linear'}"
+        )
     for name, layout in pairs:
         if not isinstance(name, str) or layout not in LAYOUTS:
             raise ValueError(

@@ -47,6 +47,10 @@ def save_pretrained(
     save_plain(
         model, target, dtype=dtype, overwrite=overwrite
     )  # checks and writes first: nothing half-done
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return folder  # the weights needed every rank's gathers; rank 0 writes the rest
     config.save_pretrained(folder)
     generation = getattr(inner, "generation_config", None)
     if generation is not None and hasattr(generation, "save_pretrained"):

@@ -145,10 +145,25 @@ def fuse(
                 return from_matrix(_scale_rows_cols_op(matrix, *mags), config.layout, config.shape)
         elif torch.is_grad_enabled():
             return from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.layout, config.shape)
+        else:  # export, evaluation: one new tensor, scaled in place
+            return from_matrix(_scale_rows_cols(matrix, *mags), config.layout, config.shape)
     for mag in mags:
         # Elementwise products round the same in place or not: every path agrees bitwise.
         matrix = matrix.mul_(mag) if inplace else matrix * mag
     return from_matrix(matrix, config.layout, config.shape)
+
+
+def _scale_rows_cols(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """(D * a) * b with one new matrix; a: (.., o, 1), b: (.., 1, i)."""
+    return torch.mul(d, a).mul_(b)
+
+
+def _scale_rows_cols_grads(grad: Tensor, d: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of (D * a) * b for D, a and b, with one matrix-sized temporary (no grad mode)."""
+    p = grad * d
+    ga = p @ b.mT  # sum_j grad_ij d_ij b_j
+    gb = a.mT @ p  # sum_i a_i grad_ij d_ij
+    return torch.mul(grad, a, out=p).mul_(b), ga, gb
 
 
 class _ScaleRowsCols(torch.autograd.Function):
@@ -163,8 +178,8 @@ class _ScaleRowsCols(torch.autograd.Function):
     generate_vmap_rule = True  # torch.func transforms (vmap, per-sample grads) work too
 
     @staticmethod
-    def forward(d: Tensor, a: Tensor, b: Tensor) -> Tensor:  # a: (.., o, 1), b: (.., 1, i)
-        return torch.mul(d, a).mul_(b)
+    def forward(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return _scale_rows_cols(d, a, b)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
@@ -174,6 +189,8 @@ class _ScaleRowsCols(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         d, a, b = ctx.saved_tensors
         need_d, need_a, need_b = ctx.needs_input_grad
+        if all(ctx.needs_input_grad) and not torch.is_grad_enabled():
+            return _scale_rows_cols_grads(grad, d, a, b)
         ga = gb = gd = None
         if need_a or need_b:
             p = grad * d
@@ -198,7 +215,7 @@ _OPAQUE_FUSE = os.environ.get("MDPARAM_OPAQUE_FUSE", "0") == "1"
 
 @torch.library.custom_op("mdparam::scale_rows_cols", mutates_args=())
 def _scale_rows_cols_op(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    return torch.mul(d, a).mul_(b)
+    return _scale_rows_cols(d, a, b)
 
 
 @_scale_rows_cols_op.register_fake
@@ -210,11 +227,7 @@ def _(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def _scale_rows_cols_backward_op(
     grad: Tensor, d: Tensor, a: Tensor, b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    p = grad * d
-    ga = p @ b.mT
-    gb = a.mT @ p
-    gd = torch.mul(grad, a, out=p).mul_(b)
-    return gd, ga, gb
+    return _scale_rows_cols_grads(grad, d, a, b)
 
 
 @_scale_rows_cols_backward_op.register_fake
@@ -226,16 +239,12 @@ def _(grad: Tensor, d: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Te
     )
 
 
-def _scale_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
 def _scale_backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d, a, b = ctx.saved_tensors
     return _scale_rows_cols_backward_op(grad.contiguous(), d, a, b)
 
 
-_scale_rows_cols_op.register_autograd(_scale_backward, setup_context=_scale_setup)
+_scale_rows_cols_op.register_autograd(_scale_backward, setup_context=_ScaleRowsCols.setup_context)
 
 
 def _absorb(

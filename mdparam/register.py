@@ -192,7 +192,8 @@ def _options_for(
     return {k: (str(v) if isinstance(v, _Default) else v) for k, v in opts.items()}
 
 
-def _check_options(opts: dict[str, object], where: str) -> None:
+def _check_values(opts: dict[str, object]) -> None:
+    """Each option on its own: a known choice, or a valid radius number."""
     _check_choice(opts["gains"], "gains", GAINS)
     _check_choice(opts["sphere"], "sphere", SPHERES)
     _check_choice(opts["gain_map"], "gain_map", GAIN_MAPS)
@@ -204,6 +205,12 @@ def _check_options(opts: dict[str, object], where: str) -> None:
         resolve_radius(
             radius, torch.empty(1, 1, device="meta"), opts["sphere"]
         )  # validates the number
+
+
+def _check_options(opts: dict[str, object], where: str) -> None:
+    """One layer's resolved options: each valid, and together able to preserve the function."""
+    _check_values(opts)
+    radius = opts["radius"]
     if (
         opts["init"] == "preserve"
         and radius != "init"
@@ -303,7 +310,9 @@ def register(
                 f"overrides for {kind!r}: unknown options {bad}; choose from {list(explicit)}"
             )
         override_list.append((_kind_matcher(kind, "overrides"), values))
-    _check_options(_options_for("", nn.Module(), {}, explicit, []), "")
+    # The call's own values fail fast here; combinations are checked per layer below,
+    # once each kind's defaults and the overrides are in.
+    _check_values({k: str(v) if isinstance(v, _Default) else v for k, v in explicit.items()})
     _check_not_wrapped(model)
     include_fn = _as_matcher(include, "include")
     exclude_fn = _as_matcher(exclude, "exclude")

@@ -288,6 +288,18 @@ class Retraction:
         """Each direction's relative step now: its group's lr over any ``mdparam_lr_scale``."""
         return [g["lr"] / g.get("mdparam_lr_scale", 1.0) for g in self._groups]
 
+    def _prepare_relative(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """Relative-step mode: bind the LRs and allocate the record of D before each step."""
+        self.bind_lrs(optimizer)
+        local = [d.to_local() if self.sharded else d for d in self.directions]
+        self._previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
+        return self._previous
+
+    def _after_step(self) -> None:
+        """Finish an optimizer step whose directions were recorded: relative step, then retract."""
+        self._pending = self.relative_step
+        self()
+
     def attach(self, optimizer: torch.optim.Optimizer) -> _Handles:
         """Run the retraction after every ``optimizer.step()``.
 
@@ -315,18 +327,15 @@ class Retraction:
 
             return _Handles(self, [optimizer.register_step_post_hook(post)])
 
-        self.bind_lrs(optimizer)
-        local = [d.to_local() if self.sharded else d for d in self.directions]
-        self._previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
+        self._prepare_relative(optimizer)
 
         def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             with torch.no_grad():
                 for prev, d in zip(self._previous, self.directions):
                     prev.copy_(d.to_local() if self.sharded else d)
-            self._pending = True
 
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self()
+            self._after_step()
 
         handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
         return _Handles(self, handles)
