@@ -346,3 +346,12 @@ def test_fsdp2_sharded_model_is_refused():
     )
     assert "ERROR:" in out.stdout, out.stderr
     assert "register -> fully_shard" in out.stdout and "before fully_shard" in out.stdout
+
+
+def test_overrides_can_make_a_call_level_combination_valid():
+    # gains="none" cannot preserve the function, but the override asks for init="sphere".
+    model = nn.Sequential(nn.Linear(4, 4))
+    names = mdparam.register(model, gains="none", overrides={nn.Linear: {"init": "sphere"}})
+    assert names == ["0.weight"]
+    with pytest.raises(ValueError, match="init='sphere'"):
+        mdparam.register(nn.Sequential(nn.Linear(4, 4)), gains="none")
