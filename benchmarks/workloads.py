@@ -41,9 +41,6 @@ class Side:
     inputs: tuple[torch.Tensor, torch.Tensor] | None = None
     compiled: bool = False
     autocast_bf16: bool = False
-    inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-    compiled: bool = False
-    autocast_bf16: bool = False
 
 
 def build_pair(
