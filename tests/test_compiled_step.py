@@ -10,8 +10,6 @@ from torch._dynamo.utils import counters
 
 import mdparam
 
-pytestmark = pytest.mark.slow
-
 OPTS = {
     "adamw": lambda groups: torch.optim.AdamW(groups),
     "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.9),
@@ -39,6 +37,7 @@ def run(model, opt, sched, step, batches):
         opt.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("opt_name", "relative", "in_graph"),
     [
@@ -77,6 +76,7 @@ def test_compiled_step_equals_the_eager_step(opt_name, relative, in_graph):
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
 
 
+@pytest.mark.slow
 def test_resume_from_optimizer_state_dict(tmp_path):
     torch._dynamo.reset()
     base = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
@@ -96,6 +96,7 @@ def test_resume_from_optimizer_state_dict(tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_compiled_step_with_a_compiled_model():
     torch._dynamo.reset()
     model, opt, sched, step = setup("adamw", True)

@@ -26,15 +26,22 @@ def test_retraction_writes_back_into_a_channels_last_convolution():
 
 
 def test_relative_step_on_a_channels_last_convolution():
-    conv = nn.Conv2d(4, 6, 3)
-    mdparam.register(conv, layers=[nn.Conv2d])
-    conv.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(mdparam.param_groups(conv, lr=0.05))
-    mdparam.Retraction(conv, relative_step=True).attach(opt)
-    conv(torch.randn(2, 4, 8, 8)).square().mean().backward()
-    opt.step()
-    d = conv.parametrizations.weight.original0.detach()
-    assert float(d.norm()) == pytest.approx(36**0.5, rel=1e-6)
+    x = torch.randn(2, 4, 8, 8)
+    directions = []
+    for channels_last in (False, True):  # the same step, written back into either layout
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 6, 3)
+        mdparam.register(conv, layers=[nn.Conv2d])
+        if channels_last:
+            conv.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(mdparam.param_groups(conv, lr=0.05))
+        mdparam.Retraction(conv, relative_step=True).attach(opt)
+        conv(x).square().mean().backward()
+        opt.step()
+        directions.append(conv.parametrizations.weight.original0.detach())
+    assert not directions[1].is_contiguous()
+    assert float(directions[1].norm()) == pytest.approx(36**0.5, rel=1e-6)
+    assert torch.allclose(directions[1], directions[0], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_radius_from_init_is_kept_in_fp32():
@@ -113,6 +120,8 @@ def test_fuse_works_under_torch_func():
         params, x
     )  # per-sample gradients
     assert per_sample["parametrizations.weight.original0"].shape == (3, 4, 6)
+    for k, g in grads.items():  # the loss is a sum over samples
+        assert torch.allclose(per_sample[k].sum(0), g, atol=1e-5)
 
 
 def test_sphere_norms_after_relative_retract_called_twice():

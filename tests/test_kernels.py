@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mdparam.maps import GAIN_MAPS, _gain_map_op, apply_gain_map
 from mdparam.parametrization import MDConfig, _ScaleRowsCols, fuse
@@ -26,8 +27,10 @@ def test_eager_fuse_equals_the_plain_formula_bitwise():
     r, c = torch.randn(64, requires_grad=True), torch.randn(48, requires_grad=True)
     w = fuse(d, (r, c), cfg)  # grad enabled: the autograd function
     with torch.no_grad():
-        plain = fuse(d, (r, c), cfg)  # no grad: the plain products
-    assert torch.equal(w, plain)
+        formula = (d * F.softplus(r)[:, None]) * F.softplus(c)[None, :]
+        in_place = fuse(d.clone(), (r, c), cfg, inplace=True)  # the export path
+    assert torch.equal(w, formula)
+    assert torch.equal(w, in_place)
 
 
 @pytest.mark.parametrize("gain_map", [m for m in GAIN_MAPS if m != "identity"])

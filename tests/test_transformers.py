@@ -169,3 +169,9 @@ def test_trainer_recipe(tmp_path):
             e.parametrization.sphere_radius(), rel=1e-5
         )
     safetensors.torch.save_file(mdparam.plain_state_dict(model), tmp_path / "plain.safetensors")
+    plain = type(model)(model.config)  # the trained weights serve a plain model
+    plain.load_state_dict(safetensors.torch.load_file(tmp_path / "plain.safetensors"), strict=True)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert rel_err(plain(ids).logits, model(ids).logits) <= 1e-5
