@@ -1,6 +1,6 @@
 """Converter throughput and memory on a >= 1 GB training checkpoint.
 
-    ./run python benchmarks/export_speed.py [--gb 1.0] [--repeats 3]
+    ./run python benchmarks/export_speed.py [--gb 1.0] [--repeats 9]
 
 Writes a training checkpoint (a stack of registered 4096x4096 Linear layers,
 fp32), then times, interleaved, a plain file copy of it (``cp`` then ``sync`` of
@@ -55,7 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gb", type=float, default=1.0)
     p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     tensor_bytes = args.width * args.width * 4
@@ -144,7 +144,7 @@ def main() -> None:
     (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
     mb = 2**20
     table = (
-        "| checkpoint | cp + sync | user-space copy + fsync | converter command | vs cp | vs user-space copy | converter without interpreter start | vs cp | converter peak RSS | budget (2x largest tensor + 300 MB) | RSS of `import torch, mdparam` alone |\n"
+        "| checkpoint | cp + sync | user-space copy + fsync | converter command | vs cp | vs user-space copy | converter without interpreter start | vs cp | converter peak RSS | budget (2x largest tensor + 300 MB) | RSS of `import torch, mdparam, export` alone |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
         f"| {size / 1e9:.2f} GB, {layers} x {args.width}^2 fp32 | {result['copy_MBps_median']:.0f} MB/s "
         f"| {result['user_copy_MBps_median']:.0f} MB/s "

@@ -50,6 +50,18 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default="runs/distributed")
     args = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.width % 32:  # heads of 32 dimensions, as the main job's GPT
+        p.error(f"--width {args.width} must be a multiple of 32")
+    if args.global_batch % world:
+        p.error(
+            f"--global-batch {args.global_batch} must be a multiple of the world size {world}; "
+            "change it or --nproc_per_node"
+        )
+    if args.resume and not (Path(args.out) / "dcp").exists():
+        p.error(
+            f"--resume: no checkpoint in {Path(args.out) / 'dcp'}; run with --save-every N first"
+        )
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
@@ -62,13 +74,8 @@ def main() -> None:
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if args.global_batch % world:
-        raise SystemExit(
-            f"--global-batch {args.global_batch} must divide by the world size {world}"
-        )
-
     torch.manual_seed(0)  # the same initial model on every rank
-    cfg = GPTConfig(256, args.block, args.depth, max(1, args.width // 32), args.width)
+    cfg = GPTConfig(256, args.block, args.depth, args.width // 32, args.width)
     model = GPT(cfg).to(device)
     mdparam.register(model, exclude="head")  # 1. register
     if args.ddp:  # 2. shard or replicate
@@ -87,8 +94,8 @@ def main() -> None:
         fully_shard(model, mesh=mesh)
         net = model
     opt = torch.optim.AdamW(
-        mdparam.param_groups(model, lr=args.lr, gain_lr=1e-2, other_lr=3e-3)
-    )  # 3.
+        mdparam.param_groups(model, lr=args.lr, gain_lr=1e-2, other_lr=3e-3, other_weight_decay=0.0)
+    )  # 3. the main job's MD-AdamW recipe (examples/training.py)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
     mdparam.Retraction(model).attach(opt)  # 4.
 
@@ -117,6 +124,7 @@ def main() -> None:
         )
         loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the main job
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

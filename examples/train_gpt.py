@@ -30,7 +30,7 @@ import safetensors.torch
 import mdparam
 from examples.corpus import load_corpus
 from examples.gpt import GPT
-from examples.training import DEFAULT_LR, RunConfig, train
+from examples.training import DEFAULT_LR, MD_METHODS, RunConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Export, then load into a fresh plain model that never saw mdparam.
     ckpt = out / "model.safetensors"
-    if method == "adamw" or method == "muon":
+    if method not in MD_METHODS:  # a baseline: nothing to fuse
         safetensors.torch.save_file(model.state_dict(), ckpt)
     else:
         mdparam.save_plain(model, ckpt, overwrite=True, metadata={"method": method})

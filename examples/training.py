@@ -67,7 +67,10 @@ class RunConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise ValueError(
+                f"width {self.width} is not divisible by heads {self.heads}; pick a width that "
+                f"is a multiple of the heads (--width/--heads in the main job)"
+            )
 
 
 DEFAULT_LR = {

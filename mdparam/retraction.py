@@ -91,8 +91,8 @@ class Retraction:
     saves a kernel launch per tensor, and runs eagerly on the CPU, where
     inductor's single fused kernel norms every tensor before rescaling any and
     so re-reads them from memory: measured on the benchmark GPT, eager runs at
-    1.03x a plain copy of the same bytes and the compiled graph at 1.3x, after
-    2-5 s of compiling (``benchmarks/speed.py``). bf16/fp16 directions are
+    1.05x a plain copy of the same bytes and the compiled graph at 1.3x, after
+    2-5 s of compiling (``benchmarks/speed.py``, default allocator). bf16/fp16 directions are
     normed and rescaled in fp32.
 
     Build it after :func:`mdparam.register` and call it after every optimizer
