@@ -155,6 +155,18 @@ def _producer(st: _State, plan, dtype: torch.dtype | None) -> Callable[[str], Te
     return produce
 
 
+def _gatherer(st: _State, plan) -> Callable[[str], None]:
+    """What a non-writing rank does for each tensor: the writer's gathers, in its order, no fuse."""
+    source = dict(plan)
+
+    def gather(name: str) -> None:
+        src = source[name]
+        for key in src.originals if isinstance(src, FusedSpec) else (src,):
+            st.get(key)
+
+    return gather
+
+
 def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Fused weights under plain names, as a model that never saw mdparam has them.
 
@@ -208,7 +220,10 @@ def save_plain(
     produce = _producer(st, plan, dtype)
     meta = plain_metadata(fused, metadata)
     _on_writer_rank(
-        st, [specs], produce, lambda: write_file(path, specs, produce, meta, overwrite=overwrite)
+        st,
+        [specs],
+        _gatherer(st, plan),
+        lambda: write_file(path, specs, produce, meta, overwrite=overwrite),
     )
     return path
 
@@ -250,7 +265,7 @@ def save_training(
 
 
 def _on_writer_rank(
-    st: _State, shards: list, produce: Callable[[str], Tensor], write: Callable[[], object]
+    st: _State, shards: list, gather: Callable[[str], object], write: Callable[[], object]
 ) -> None:
     """Write on this rank, or, for an FSDP2-sharded model on ranks other than 0, only
     take part in the gathers, in the writer's order; every rank returns together."""
@@ -266,7 +281,7 @@ def _on_writer_rank(
     else:
         for shard in shards:
             for name, *_ in shard:
-                produce(name)
+                gather(name)
     if sharded:
         dist.barrier()
 

@@ -182,5 +182,5 @@ def fuse_spec(spec: FusedSpec, get: Callable[[str], Tensor], *, inplace: bool = 
     ``inplace=True`` fuses into the direction tensor ``get`` returned (for a
     reader that hands out private copies: one tensor of memory, not three).
     """
-    gains = tuple(get(k) for k in spec.originals[1:])
-    return fuse(get(spec.originals[0]), gains, spec.config, inplace=inplace)
+    direction, *gains = (get(k) for k in spec.originals)  # in order: gathers must match
+    return fuse(direction, tuple(gains), spec.config, inplace=inplace)

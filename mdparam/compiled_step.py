@@ -50,10 +50,7 @@ class CompiledStep:
                     "mdparam.compile_step does not support FSDP2-sharded directions yet; call "
                     "optimizer.step() yourself with Retraction(model).attach(optimizer)"
                 )
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [
-                n for n, d in zip(retraction.names, retraction.directions) if id(d) not in held
-            ]
+            _, missing = retraction._groups_of(optimizer)
             if missing:
                 raise ValueError(
                     f"mdparam.compile_step: the optimizer does not step the directions of {missing[:3]}; "

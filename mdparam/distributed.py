@@ -22,7 +22,7 @@ from torch import Tensor
 from .sphere import sphere_dims, sphere_norm
 from .views import to_matrix
 
-__all__ = ["is_sharded", "local_radius", "norms_are_global", "sharded_norms"]
+__all__ = ["is_sharded", "local_radius", "norms_are_global", "reduce_plan", "sharded_norms"]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -97,13 +97,30 @@ def _all_reduce(flat: Tensor, group: object) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
 
 
+ReducePlan = list[tuple[object, list[int]]]
+
+
+def reduce_plan(
+    like: Sequence[Tensor], spheres: Sequence[str], layouts: Sequence[str]
+) -> ReducePlan:
+    """For each process group, the indices of the DTensors ``like`` whose norms it sums.
+
+    Depends only on placements, spheres and layouts, so a retraction computes it once.
+    """
+    pending: dict[int, tuple[object, list[int]]] = {}
+    for i, (d, sphere, layout) in enumerate(zip(like, spheres, layouts)):
+        for group in _reduce_groups(d, sphere, layout):
+            pending.setdefault(id(group), (group, []))[1].append(i)
+    return list(pending.values())
+
+
 def sharded_norms(
     locals_: Sequence[Tensor],
-    like: Sequence[Tensor],
+    plan: ReducePlan,
     spheres: Sequence[str],
     layouts: Sequence[str],
 ) -> list[Tensor]:
-    """Global norms per sphere unit (keepdim) of local shards laid out like the DTensors ``like``.
+    """Global norms per sphere unit (keepdim) of local shards, reduced as ``plan`` says.
 
     One all-reduce per distinct process group, whatever the number of tensors.
     """
@@ -111,11 +128,7 @@ def sharded_norms(
         sphere_norm(to_matrix(t, layout), sphere).square_()
         for t, sphere, layout in zip(locals_, spheres, layouts)
     ]
-    pending: dict[int, tuple[object, list[int]]] = {}
-    for i, (d, sphere, layout) in enumerate(zip(like, spheres, layouts)):
-        for group in _reduce_groups(d, sphere, layout):
-            pending.setdefault(id(group), (group, []))[1].append(i)
-    for group, idx in pending.values():
+    for group, idx in plan:
         flat = torch.cat([squares[i].reshape(-1) for i in idx])
         _all_reduce(flat, group)
         offset = 0

@@ -84,6 +84,17 @@ def registered(model: nn.Module) -> list[Registered]:
     return out
 
 
+def unique_directions(entries: list[Registered]) -> list[Registered]:
+    """``entries`` with each direction once (its first holder): tied="share" layers share one."""
+    seen: set[int] = set()
+    out = []
+    for e in entries:
+        if id(e.direction) not in seen:
+            seen.add(id(e.direction))
+            out.append(e)
+    return out
+
+
 def _as_matcher(selector: Selector, what: str) -> Callable[[str, str, nn.Module], bool] | None:
     if selector is None:
         return None

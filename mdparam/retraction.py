@@ -9,8 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .distributed import any_rank, is_sharded, local_radius, norms_are_global, sharded_norms
-from .register import registered
+from .distributed import (
+    any_rank,
+    is_sharded,
+    local_radius,
+    norms_are_global,
+    reduce_plan,
+    sharded_norms,
+)
+from .register import registered, unique_directions
 from .sphere import sphere_norm
 from .views import to_matrix, write_back
 
@@ -138,16 +145,12 @@ class Retraction:
                 "mdparam.Retraction: the model has no MD-parametrized tensor; call "
                 "mdparam.register(model) first"
             )
-        seen: set[int] = set()
         self.names: list[str] = []
         self.directions: list[nn.Parameter] = []
         self._params: list[nn.Module] = []  # radii are read from these at every call
         self._spheres: list[str] = []
         self._layouts: list[str] = []
-        for e in entries:
-            if id(e.direction) in seen:  # tied="share": one direction, several holders
-                continue
-            seen.add(id(e.direction))
+        for e in unique_directions(entries):
             self.names.append(e.name)
             self.directions.append(e.direction)
             self._params.append(e.parametrization)
@@ -179,6 +182,7 @@ class Retraction:
                 norms_are_global(d, s, lay)
                 for d, s, lay in zip(self.directions, self._spheres, self._layouts)
             )
+            self._plan = reduce_plan(self.directions, self._spheres, self._layouts)
         elif self.compiled:
             self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
             self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
@@ -210,7 +214,7 @@ class Retraction:
             local = [d.to_local() for d in self.directions]
 
             def norm_fn(tensors: list[Tensor]) -> list[Tensor]:
-                return sharded_norms(tensors, self.directions, self._spheres, self._layouts)
+                return sharded_norms(tensors, self._plan, self._spheres, self._layouts)
 
         else:
             local, norm_fn = self.directions, None
@@ -266,10 +270,15 @@ class Retraction:
                 "rate, clip gradients, or check the data for inf/NaN"
             )
 
-    def bind_lrs(self, optimizer: torch.optim.Optimizer) -> None:
-        """Relative-step mode: read each direction's learning rate from ``optimizer``'s groups."""
+    def _groups_of(self, optimizer: torch.optim.Optimizer) -> tuple[dict[int, dict], list[str]]:
+        """``optimizer``'s param group of each parameter (by id), and the directions it lacks."""
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
+        return group_of, missing
+
+    def bind_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        """Relative-step mode: read each direction's learning rate from ``optimizer``'s groups."""
+        group_of, missing = self._groups_of(optimizer)
         if missing:
             raise ValueError(
                 f"mdparam.Retraction(relative_step=True): the optimizer does not hold the "
@@ -312,8 +321,8 @@ class Retraction:
         direction's param group at that step (divided by
         ``"mdparam_lr_scale"`` where :func:`muon_param_groups` set one).
         """
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        if not any(id(d) in group_of for d in self.directions):
+        _, missing = self._groups_of(optimizer)
+        if len(missing) == len(self.directions):
             raise ValueError(
                 "mdparam.Retraction.attach: this optimizer holds none of the model's directions. "
                 "Build it from mdparam.param_groups(model, ...) after mdparam.register(model) "

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .checkpoint import _full, _unwrap
 from .maps import apply_gain_map
-from .register import registered
+from .register import registered, unique_directions
 from .views import to_matrix
 
 __all__ = ["stats"]
@@ -65,11 +65,7 @@ def stats(
     """
     keys: list[tuple[str | None, str]] = []  # (layer name or None, statistic) for each value
     values: list[Tensor] = []
-    seen: set[int] = set()
-    for e in registered(_unwrap(model)):
-        if id(e.direction) in seen:  # tied="share": one direction, several holders
-            continue
-        seen.add(id(e.direction))
+    for e in unique_directions(registered(_unwrap(model))):
         cfg = e.config
         for role, raw in zip(cfg.roles[1:], e.gains):
             mag = apply_gain_map(_full(raw.detach()).float(), cfg.gain_map)
