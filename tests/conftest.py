@@ -14,6 +14,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def sphere_error(model: torch.nn.Module) -> float:
+    """Worst relative distance of any registered direction's norms from its radius.
+
+    Sharded (DTensor) directions are gathered first, so this checks the global sphere.
+    """
+    import mdparam
+    from mdparam.distributed import is_sharded
+    from mdparam.sphere import sphere_norm
+    from mdparam.views import to_matrix
+
+    assert mdparam.registered(model), "sphere_error: the model has no registered layers"
+    worst = 0.0
+    for e in mdparam.registered(model):
+        d = e.direction.detach()
+        d = d.full_tensor() if is_sharded(d) else d
+        norms = sphere_norm(to_matrix(d, e.config.layout), e.config.sphere)
+        radius = e.parametrization.sphere_radius()
+        worst = max(worst, float(((norms - radius) / radius).abs().max()))
+    return worst
+
+
 def tiny_gpt(tie_head: bool = False, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_head=tie_head)

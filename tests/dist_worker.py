@@ -21,12 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import tiny_gpt  # noqa: E402
+from conftest import sphere_error, tiny_gpt  # noqa: E402
 
 import mdparam  # noqa: E402
 import mdparam.distributed as mddist  # noqa: E402
-from mdparam.sphere import sphere_norm  # noqa: E402
-from mdparam.views import to_matrix  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 64
 
@@ -64,17 +62,6 @@ def build(mode: str, world: int, compile: bool = False):
     elif compile:
         fwd = torch.compile(net, fullgraph=True)
     return model, fwd, opt, sched, retract
-
-
-def sphere_error(model) -> float:
-    worst = 0.0
-    for e in mdparam.registered(model):
-        d = e.direction.detach()
-        d = d.full_tensor() if mddist.is_sharded(d) else d
-        r = e.parametrization.sphere_radius()
-        norms = sphere_norm(to_matrix(d, e.config.layout), e.config.sphere)
-        worst = max(worst, float(((norms - r) / r).abs().max()))
-    return worst
 
 
 def train(

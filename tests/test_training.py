@@ -1,19 +1,8 @@
 import pytest
 import torch
-from conftest import byte_batches, tiny_gpt
+from conftest import byte_batches, sphere_error, tiny_gpt
 
 import mdparam
-from mdparam.sphere import sphere_norm
-from mdparam.views import to_matrix
-
-
-def on_sphere_err(model) -> float:
-    worst = 0.0
-    for e in mdparam.registered(model):
-        norms = sphere_norm(to_matrix(e.direction.detach(), e.config.layout), e.config.sphere)
-        radius = torch.as_tensor(e.parametrization.sphere_radius(), dtype=norms.dtype)
-        worst = max(worst, float(((norms - radius) / radius).abs().max()))
-    return worst
 
 
 @pytest.mark.parametrize("sphere", ["flat", "row"])
@@ -30,7 +19,7 @@ def test_adamw_md_learns_bytes_and_keeps_directions_on_the_sphere(sphere):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        assert on_sphere_err(model) <= 1e-5
+        assert sphere_error(model) <= 1e-5
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert first > 5.0  # about log(256) at the start
     assert last < 0.6 * first, (first, last)
@@ -73,7 +62,7 @@ def test_param_groups_work_with_any_optimizer_and_schedulers(opt_cls):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.7)
-    assert on_sphere_err(model) <= 1e-5
+    assert sphere_error(model) <= 1e-5
 
 
 def test_param_groups_needs_a_registered_model():
@@ -123,4 +112,4 @@ def test_muon_recipe_trains():
             opt.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
-    assert on_sphere_err(model) <= 1e-5
+    assert sphere_error(model) <= 1e-5
