@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .sphere import sphere_dims, sphere_norm
-from .views import to_matrix
+from .views import matrix_dim, to_matrix
 
 __all__ = ["is_sharded", "local_radius", "norms_are_global", "reduce_plan", "sharded_norms"]
 
@@ -31,19 +31,6 @@ def is_sharded(t: Tensor) -> bool:
     except ImportError:
         return False
     return isinstance(t, DTensor)
-
-
-def _matrix_dim(layout: str, ndim: int, storage_dim: int) -> int | None:
-    """The matrix dim (-2 out, -1 in) a storage dim becomes; None for a batch dim."""
-    if layout == "linear":
-        return (-2, -1)[storage_dim]
-    if layout == "transposed":
-        return (-1, -2)[storage_dim]
-    if layout == "flatten_in":
-        return -2 if storage_dim == 0 else -1
-    if layout == "batched":
-        return {ndim - 2: -2, ndim - 1: -1}.get(storage_dim)
-    raise ValueError(f"unknown layout {layout!r}")
 
 
 def _sharded_dims(d: Tensor) -> list[tuple[int, int]]:
@@ -57,14 +44,14 @@ def _reduce_groups(d: Tensor, sphere: str, layout: str) -> list:
     return [
         d.device_mesh.get_group(mesh_dim)
         for mesh_dim, storage_dim in _sharded_dims(d)
-        if _matrix_dim(layout, d.ndim, storage_dim) in reduced
+        if matrix_dim(layout, d.ndim, storage_dim) in reduced
     ]
 
 
 def norms_are_global(d: Tensor, sphere: str, layout: str) -> bool:
     """Whether every rank sees all of this direction's norms (after the all-reduce)."""
     reduced = set(sphere_dims(sphere))
-    return all(_matrix_dim(layout, d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
+    return all(matrix_dim(layout, d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
 
 
 def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tensor:
@@ -80,7 +67,7 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
     for storage_dim, (size, start) in enumerate(zip(local_shape, offset)):
         if size == d.shape[storage_dim]:
             continue
-        mdim = _matrix_dim(layout, d.ndim, storage_dim)
+        mdim = matrix_dim(layout, d.ndim, storage_dim)
         rdim = storage_dim if mdim is None else out.ndim + mdim  # batch dims lead in both
         if out.shape[rdim] == 1:
             continue  # the radius does not vary along this dim

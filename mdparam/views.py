@@ -22,7 +22,15 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "from_matrix", "is_view", "matrix_shape", "to_matrix", "write_back"]
+__all__ = [
+    "LAYOUTS",
+    "from_matrix",
+    "is_view",
+    "matrix_dim",
+    "matrix_shape",
+    "to_matrix",
+    "write_back",
+]
 
 LAYOUTS = ("linear", "transposed", "flatten_in", "batched")
 
@@ -49,6 +57,20 @@ def matrix_shape(shape: Sequence[int], layout: str) -> tuple[int, ...]:
         if len(shape) < 3:
             raise ValueError(f"layout 'batched' needs >= 3 dims, got shape {shape}")
         return shape
+    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def matrix_dim(layout: str, ndim: int, storage_dim: int) -> int | None:
+    """The matrix dim (-2 out, -1 in) that storage dim ``storage_dim`` of an ``ndim``-D
+    tensor becomes under :func:`to_matrix`; None for a batch dim."""
+    if layout == "linear":
+        return (-2, -1)[storage_dim]
+    if layout == "transposed":
+        return (-1, -2)[storage_dim]
+    if layout == "flatten_in":
+        return -2 if storage_dim == 0 else -1
+    if layout == "batched":
+        return {ndim - 2: -2, ndim - 1: -1}.get(storage_dim)
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
 
 
