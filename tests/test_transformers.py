@@ -47,20 +47,35 @@ def train_a_few_steps(model, steps=3):
 X = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
 
 
+def register(model, *, warns_tied: bool, **kw) -> list[str]:
+    """mdparam.register, asserting it warns about tied weights exactly when there are some."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = mdparam.register(model, **kw)
+    warned = [w for w in caught if "left out tied weights" in str(w.message)]
+    assert bool(warned) is warns_tied, [str(w.message) for w in caught]
+    return names
+
+
+def assert_round_trips(model, folder) -> transformers.PreTrainedModel:
+    """save_pretrained, then from_pretrained with no mdparam: the same class and logits."""
+    mdparam.save_pretrained(model, folder)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert type(loaded) is type(model)
+    model.eval()  # GPT-2 has dropout
+    with torch.no_grad():
+        assert rel_err(loaded(X).logits, model(X).logits) <= 1e-5
+    return loaded
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("tie", [False, True])
 def test_registered_model_exports_a_folder_from_pretrained_loads(arch, tie, tmp_path):
     _, model = tiny(arch, tie)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        names = mdparam.register(model)
+    names = register(model, warns_tied=tie)
     assert ("lm_head.weight" in names) is (not tie)
     train_a_few_steps(model)
-    mdparam.save_pretrained(model, tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(loaded) is type(model)
-    with torch.no_grad():
-        assert rel_err(loaded(X).logits, model(X).logits) <= 1e-5
+    loaded = assert_round_trips(model, tmp_path)
     if tie:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -75,9 +90,7 @@ def test_save_pretrained_checkpoint_loads_into_a_registered_model(arch, tie, tmp
     torch.manual_seed(1)
     for p in model.parameters():  # a different starting point, to see the load take effect
         p.data.normal_(0, 0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mdparam.register(model)
+    register(model, warns_tied=tie)
     mdparam.load_plain(model, tmp_path / "model.safetensors")
     with torch.no_grad():
         assert rel_err(model(X).logits, pretrained(X).logits) <= 1e-5
@@ -85,32 +98,24 @@ def test_save_pretrained_checkpoint_loads_into_a_registered_model(arch, tie, tmp
 
 def test_tied_share_round_trip(tmp_path):
     _, model = tiny("llama", True)
-    mdparam.register(model, tied="share")
+    register(model, warns_tied=False, tied="share")
     assert (
         model.lm_head.parametrizations.weight.original0
         is model.model.embed_tokens.parametrizations.weight.original0
     )
     train_a_few_steps(model)
-    mdparam.save_pretrained(model, tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        assert rel_err(loaded(X).logits, model(X).logits) <= 1e-5
+    assert_round_trips(model, tmp_path)
 
 
 def test_gpt2_conv1d_and_moe_experts_register_and_round_trip(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        names = mdparam.register(gpt2, layers="all", exclude=["*wte*", "*wpe*"])
+    names = register(gpt2, warns_tied=True, layers="all", exclude=["*wte*", "*wpe*"])
     assert "transformer.h.0.attn.c_attn.weight" in names  # GPT-2's Conv1D
+    assert "lm_head.weight" not in names  # tied to the excluded wte: stays plain
     train_a_few_steps(gpt2, steps=2)
-    mdparam.save_pretrained(gpt2, tmp_path / "gpt2")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
-    gpt2.eval()  # GPT-2 has dropout
-    with torch.no_grad():
-        assert rel_err(loaded(X).logits, gpt2(X).logits) <= 1e-5
+    assert_round_trips(gpt2, tmp_path / "gpt2")
 
     moe_cfg = transformers.Qwen3MoeConfig(
         vocab_size=64,
@@ -126,15 +131,12 @@ def test_gpt2_conv1d_and_moe_experts_register_and_round_trip(tmp_path):
     torch.manual_seed(0)
     moe = transformers.Qwen3MoeForCausalLM(moe_cfg)
     before = moe(X).logits
-    names = mdparam.register(moe, layers="all", exclude="*embed_tokens*")
+    names = register(moe, warns_tied=False, layers="all", exclude="*embed_tokens*")
     assert any(n.endswith("experts.gate_up_proj") for n in names), names
     with torch.no_grad():
         assert rel_err(moe(X).logits, before) <= 1e-5
     train_a_few_steps(moe, steps=2)
-    mdparam.save_pretrained(moe, tmp_path / "moe")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
-    with torch.no_grad():
-        assert rel_err(loaded(X).logits, moe(X).logits) <= 1e-5
+    assert_round_trips(moe, tmp_path / "moe")
 
 
 def test_trainer_recipe(tmp_path):
