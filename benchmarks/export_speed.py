@@ -159,11 +159,10 @@ def main() -> None:
         "(Python read/write + fsync, each a fresh process), page cache warm, "
         f"{args.repeats} interleaved repeats, medians.\n\n" + table
     )
-    if out.resolve() == (ROOT / "benchmarks" / "results").resolve():
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from readme import insert
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from readme import insert_if_committed
 
-        insert("export", table)
+    insert_if_committed("export", table, out)
     print(table)
 
 

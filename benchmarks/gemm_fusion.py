@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from readme import insert_if_committed  # noqa: E402
 from workloads import (  # noqa: E402
     _factored_forward,
     build_factored,
@@ -279,10 +280,7 @@ def main() -> None:
             "Command: `./run python benchmarks/gemm_fusion.py`."
         )
     )
-    if out_dir.resolve() == (ROOT / "benchmarks" / "results").resolve():
-        from readme import insert
-
-        insert("gemm_fusion", table)
+    insert_if_committed("gemm_fusion", table, out_dir)
     print(table)
 
 

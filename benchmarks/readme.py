@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+RESULTS = README.parent / "benchmarks" / "results"
 
 
 def insert(name: str, text: str, readme: Path = README) -> bool:
@@ -22,3 +23,13 @@ def insert(name: str, text: str, readme: Path = README) -> bool:
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
     return True
+
+
+def insert_if_committed(name: str, text: str, out_dir: str | Path) -> bool:
+    """:func:`insert`, only for a run that wrote the committed results (benchmarks/results).
+
+    A run with ``--out`` elsewhere is a trial and leaves the README alone.
+    """
+    if Path(out_dir).resolve() != RESULTS.resolve():
+        return False
+    return insert(name, text)

@@ -283,11 +283,10 @@ def report(data: dict, out_dir: Path) -> str:
         f"{hours:.1f} h of wall time on this machine. Command: `./run python benchmarks/reproduce.py`.\n"
     )
     (out_dir / "reproduce.md").write_text(text)
-    if out_dir.resolve() == RESULTS.resolve():
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from readme import insert
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from readme import insert_if_committed
 
-        insert("reproduce", text)
+    insert_if_committed("reproduce", text, out_dir)
     plot(data, s, out_dir)
     return text
 

@@ -482,10 +482,9 @@ def main() -> None:
             path.write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
     (out_dir / "speed.md").write_text(render(results))
     plot(results, out_dir / "speed.png")
-    if out_dir.resolve() == RESULTS.resolve():
-        from readme import insert
+    from readme import insert_if_committed
 
-        insert("speed", render(results))
+    insert_if_committed("speed", render(results), out_dir)
     print(render(results))
 
 
