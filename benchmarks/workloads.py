@@ -43,6 +43,11 @@ class Side:
     autocast_bf16: bool = False
 
 
+def md_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The MD side's optimizer in every comparison: AdamW on mdparam's groups, one LR."""
+    return torch.optim.AdamW(mdparam.param_groups(model, lr=1e-3, gain_lr=1e-3))
+
+
 def build_pair(
     cfg: GPTConfig = BENCH_GPT,
     *,
@@ -68,7 +73,7 @@ def build_pair(
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
             retraction = None
         else:
-            opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-3, gain_lr=1e-3))
+            opt = md_adamw(model)
             retraction = mdparam.Retraction(model)
             retraction.attach(opt)
         scheduler = (
@@ -125,12 +130,12 @@ def build_optimizer_variants(
 
     m = copy.deepcopy(base)
     mdparam.register(m)
-    opt = torch.optim.AdamW(mdparam.param_groups(m, lr=1e-3, gain_lr=1e-3))
+    opt = md_adamw(m)
     side("md_compiled_step", m, opt, mdparam.compile_step(opt, mdparam.Retraction(m)))
 
     m = copy.deepcopy(base)  # the same, with the retraction inside the step's graph
     mdparam.register(m)
-    opt = torch.optim.AdamW(mdparam.param_groups(m, lr=1e-3, gain_lr=1e-3))
+    opt = md_adamw(m)
     retraction = mdparam.Retraction(m, compile=True)
     side("md_compiled_step_retraction_in_graph", m, opt, mdparam.compile_step(opt, retraction))
 
@@ -163,7 +168,7 @@ def build_factored(md: Side) -> Side:
     model = copy.deepcopy(md.model)
     for e in mdparam.registered(model):
         e.module.forward = types.MethodType(_factored_forward, e.module)
-    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-3, gain_lr=1e-3))
+    opt = md_adamw(model)
     retraction = mdparam.Retraction(model)
     retraction.attach(opt)
     fwd = torch.compile(model, fullgraph=True) if md.compiled else model
