@@ -8,13 +8,11 @@ positive, linear for large values); ``exp`` is positive and multiplicative;
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GAIN_MAPS", "apply_gain_map", "invert_gain_map", "neutral_raw_gain"]
+__all__ = ["GAIN_MAPS", "apply_gain_map", "invert_gain_map"]
 
 GAIN_MAPS = ("softplus", "identity", "exp")
 
@@ -32,8 +30,8 @@ def _phi(raw: Tensor, gain_map: str) -> Tensor:
 
 
 def _phi_grad(raw: Tensor, grad: Tensor, gain_map: str) -> Tensor:
-    if gain_map == "softplus":  # as torch's softplus backward: sigmoid, 1 above the threshold
-        return torch.where(raw > _SOFTPLUS_THRESHOLD, grad, grad * torch.sigmoid(raw))
+    if gain_map == "softplus":  # torch's own: sigmoid, 1 above the threshold
+        return torch.ops.aten.softplus_backward(grad, raw, 1.0, _SOFTPLUS_THRESHOLD)
     return grad * torch.exp(raw)
 
 
@@ -99,15 +97,4 @@ def invert_gain_map(value: Tensor, gain_map: str) -> Tensor:
         return torch.log(value)
     if gain_map == "identity":
         return value.clone()
-    raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")
-
-
-def neutral_raw_gain(gain_map: str) -> float:
-    """The raw gain with phi(raw) == 1 (log(e - 1) for softplus)."""
-    if gain_map == "softplus":
-        return math.log(math.e - 1.0)
-    if gain_map == "exp":
-        return 0.0
-    if gain_map == "identity":
-        return 1.0
     raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")

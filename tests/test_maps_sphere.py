@@ -5,13 +5,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdparam.maps import GAIN_MAPS, apply_gain_map, invert_gain_map, neutral_raw_gain
+from mdparam.maps import GAIN_MAPS, apply_gain_map, invert_gain_map
 from mdparam.sphere import project, resolve_radius, shape_radius, sphere_norm
 
 
-@pytest.mark.parametrize("gain_map", GAIN_MAPS)
-def test_neutral_raw_gain_maps_to_one(gain_map):
-    raw = torch.tensor(neutral_raw_gain(gain_map), dtype=torch.float64)
+@pytest.mark.parametrize(
+    "gain_map,neutral", [("softplus", math.log(math.e - 1.0)), ("exp", 0.0), ("identity", 1.0)]
+)
+def test_the_neutral_raw_gain_is_the_closed_form(gain_map, neutral):
+    raw = invert_gain_map(torch.tensor(1.0, dtype=torch.float64), gain_map)
+    assert float(raw) == pytest.approx(neutral, rel=1e-12, abs=1e-15)
     assert float(apply_gain_map(raw, gain_map)) == pytest.approx(1.0, rel=1e-12)
 
 
