@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mdparam
 from examples.corpus import load_corpus
 from examples.gpt import GPT, GPTConfig
+from examples.training import DEFAULT_LR, RunConfig
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR["md-adamw"], help="direction LR")
     p.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of FSDP2")
     p.add_argument(
         "--compile",
@@ -93,9 +94,16 @@ def main() -> None:
                 block.compile()
         fully_shard(model, mesh=mesh)
         net = model
+    recipe = RunConfig()  # 3. the main job's MD-AdamW recipe (examples/training.py)
     opt = torch.optim.AdamW(
-        mdparam.param_groups(model, lr=args.lr, gain_lr=1e-2, other_lr=3e-3, other_weight_decay=0.0)
-    )  # 3. the main job's MD-AdamW recipe (examples/training.py)
+        mdparam.param_groups(
+            model,
+            lr=args.lr,
+            gain_lr=recipe.gain_lr,
+            other_lr=recipe.other_lr,
+            other_weight_decay=0.0,
+        )
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
     mdparam.Retraction(model).attach(opt)  # 4.
 

@@ -14,6 +14,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+class FusedExperts(torch.nn.Module):
+    """Experts stored as (experts, out, in) tensors, as transformers' fused MoE layers do."""
+
+    def __init__(self, experts=3, hidden=8, inner=12):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * inner, hidden) * 0.2)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, inner) * 0.2)
+
+    def forward(self, x):  # every token through every expert, averaged: enough to test the weights
+        outs = []
+        for e in range(self.gate_up_proj.shape[0]):
+            gate, up = (x @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            outs.append((torch.nn.functional.silu(gate) * up) @ self.down_proj[e].T)
+        return torch.stack(outs).mean(0)
+
+
 def sphere_error(model: torch.nn.Module) -> float:
     """Worst relative distance of any registered direction's norms from its radius.
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import sphere_error, tiny_gpt  # noqa: E402
+from conftest import FusedExperts, sphere_error, tiny_gpt  # noqa: E402
 
 import mdparam  # noqa: E402
 import mdparam.distributed as mddist  # noqa: E402
@@ -132,8 +132,6 @@ class KindsNet(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from test_adapters import FusedExperts
-
         self.emb = torch.nn.Embedding(VOCAB, 16)
         self.rows = torch.nn.Linear(16, 32)
         self.experts = FusedExperts(experts=4, hidden=32, inner=8)

@@ -4,26 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_err, sphere_error
+from conftest import FusedExperts, rel_err, sphere_error
 from torch import nn
 
 import mdparam
-
-
-class FusedExperts(nn.Module):
-    """Experts stored as (experts, out, in) tensors, as transformers' fused MoE layers do."""
-
-    def __init__(self, experts=3, hidden=8, inner=12):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inner, hidden) * 0.2)
-        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inner) * 0.2)
-
-    def forward(self, x):  # every token through every expert, averaged: enough to test the weights
-        outs = []
-        for e in range(self.gate_up_proj.shape[0]):
-            gate, up = (x @ self.gate_up_proj[e].T).chunk(2, dim=-1)
-            outs.append((torch.nn.functional.silu(gate) * up) @ self.down_proj[e].T)
-        return torch.stack(outs).mean(0)
 
 
 class Kernel(nn.Module):

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_err
-from test_adapters import FusedExperts
+from conftest import FusedExperts, rel_err
 from torch import nn
 
 import mdparam
