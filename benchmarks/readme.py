@@ -13,8 +13,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 RESULTS = README.parent / "benchmarks" / "results"
 
 
-def insert(name: str, text: str, readme: Path = README) -> bool:
+def insert(name: str, text: str, readme: Path | None = None) -> bool:
     """Replace the block between the markers of ``name``; False if the README has none."""
+    readme = README if readme is None else readme
     begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
     content = readme.read_text()
     if begin not in content or end not in content:
