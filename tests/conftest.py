@@ -47,7 +47,8 @@ def sphere_error(model: torch.nn.Module) -> float:
         d = d.full_tensor() if is_sharded(d) else d
         norms = sphere_norm(to_matrix(d, e.config.layout), e.config.sphere)
         radius = e.parametrization.sphere_radius()
-        worst = max(worst, float(((norms - radius) / radius).abs().max()))
+        err = ((norms - radius) / radius).abs().nan_to_num(nan=float("inf")).max()
+        worst = max(worst, float(err))  # a NaN norm counts as infinitely far
     return worst
 
 
