@@ -33,7 +33,7 @@ from .checkpoint_format import (
     plain_plan,
     training_metadata,
 )
-from .distributed import is_sharded
+from .distributed import any_rank, is_sharded
 from .register import registered
 from .safetensors_io import (
     CheckpointReader,
@@ -85,7 +85,10 @@ class _State:
     specs: dict[str, FusedSpec]
     entries: dict[str, list]  # plain name -> Registered entries holding it
 
+    reads: int = 0  # calls of get(): how far a writer got through its gathers
+
     def get(self, key: str) -> Tensor:
+        self.reads += 1
         return _full(self.tensors[key].detach())
 
 
@@ -155,16 +158,15 @@ def _producer(st: _State, plan, dtype: torch.dtype | None) -> Callable[[str], Te
     return produce
 
 
-def _gatherer(st: _State, plan) -> Callable[[str], None]:
-    """What a non-writing rank does for each tensor: the writer's gathers, in its order, no fuse."""
+def _read_order(plan, specs) -> list[str]:
+    """Every state key the writer of ``specs`` reads, in its order (a fused tensor reads
+    its originals in order: see ``fuse_spec``); other ranks gather the same keys."""
     source = dict(plan)
-
-    def gather(name: str) -> None:
+    order: list[str] = []
+    for name, *_ in specs:
         src = source[name]
-        for key in src.originals if isinstance(src, FusedSpec) else (src,):
-            st.get(key)
-
-    return gather
+        order.extend(src.originals if isinstance(src, FusedSpec) else (src,))
+    return order
 
 
 def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -221,8 +223,7 @@ def save_plain(
     meta = plain_metadata(fused, metadata)
     _on_writer_rank(
         st,
-        [specs],
-        _gatherer(st, plan),
+        _read_order(plan, specs),
         lambda: write_file(path, specs, produce, meta, overwrite=overwrite),
     )
     return path
@@ -250,40 +251,54 @@ def save_training(
     if max_shard_bytes is None:
         path = atomic_path(path, overwrite=overwrite)
         _on_writer_rank(
-            st, [specs], st.get, lambda: write_file(path, specs, st.get, meta, overwrite=overwrite)
+            st,
+            [name for name, *_ in specs],
+            lambda: write_file(path, specs, st.get, meta, overwrite=overwrite),
         )
     else:
         path = Path(path)
         shards = pack_shards(specs, max_shard_bytes)
         _on_writer_rank(
             st,
-            shards,
-            st.get,
+            [name for shard in shards for name, *_ in shard],
             lambda: write_sharded(path, shards, st.get, meta, overwrite=overwrite),
         )
     return path
 
 
-def _on_writer_rank(
-    st: _State, shards: list, gather: Callable[[str], object], write: Callable[[], object]
-) -> None:
+def _on_writer_rank(st: _State, order: list[str], write: Callable[[], object]) -> None:
     """Write on this rank, or, for an FSDP2-sharded model on ranks other than 0, only
-    take part in the gathers, in the writer's order; every rank returns together."""
+    take part in the gathers: ``order`` is every key the writer reads, in its order.
+
+    Every rank returns together. If the writer fails, it first joins the gathers the
+    other ranks are still waiting in, then all ranks raise (rank 0 its own error),
+    so that no rank hangs in a collective and the process group stays usable.
+    """
     import torch.distributed as dist
 
-    sharded = (
-        dist.is_available()
-        and dist.is_initialized()
-        and any(is_sharded(t) for t in st.tensors.values())
-    )
-    if not sharded or dist.get_rank() == 0:
+    sharded = [t for t in st.tensors.values() if is_sharded(t)]
+    if not (sharded and dist.is_available() and dist.is_initialized()):
         write()
+        return
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        st.reads = 0
+        try:
+            write()
+        except Exception as err:
+            failure = err
+            for key in order[st.reads :]:
+                st.get(key)
     else:
-        for shard in shards:
-            for name, *_ in shard:
-                gather(name)
-    if sharded:
-        dist.barrier()
+        for key in order:
+            st.get(key)
+    if any_rank(failure is not None, sharded[0].device):
+        if failure is not None:
+            raise failure
+        raise RuntimeError(
+            "mdparam: rank 0 failed to write the checkpoint (see its error); every rank "
+            "stops here together and nothing was written"
+        )
 
 
 def _compare_names(expected: list[str], found: list[str], source: str, what: str) -> None:

@@ -200,10 +200,59 @@ def scenario_dcp(rank: int, world: int, phase: str, outdir: Path) -> None:
         (outdir / "resumed.json").write_text(json.dumps({"losses": losses}))
 
 
+def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
+    """FSDP2 save_plain whose writer (rank 0) fails before and midway through its gathers."""
+    import mdparam.checkpoint as ck
+
+    model, *_ = build("fsdp", world)
+    errors = {}
+    try:  # checked on every rank, before any gather
+        mdparam.save_plain(model, outdir / "bad_metadata.safetensors", metadata={"step": 5})
+    except Exception as e:
+        errors["metadata"] = f"{type(e).__name__}: {e}"
+
+    real_write = ck.write_file
+
+    def refusing_write(*args, **kwargs):  # rank 0 fails before reading any tensor
+        raise PermissionError("simulated read-only directory")
+
+    if rank == 0:
+        ck.write_file = refusing_write
+    try:
+        mdparam.save_plain(model, outdir / "before.safetensors")
+    except Exception as e:
+        errors["before"] = f"{type(e).__name__}: {e}"
+    finally:
+        ck.write_file = real_write
+
+    real_cast, produced = ck._cast, {"n": 0}
+
+    def failing_cast(t, dtype):  # rank 0's disk fails after three tensors
+        produced["n"] += 1
+        if rank == 0 and produced["n"] == 4:
+            raise OSError("simulated disk error")
+        return real_cast(t, dtype)
+
+    ck._cast = failing_cast
+    try:
+        mdparam.save_plain(model, outdir / "midway.safetensors")
+    except Exception as e:
+        errors["midway"] = f"{type(e).__name__}: {e}"
+    finally:
+        ck._cast = real_cast
+    errors["tensors_before_failure"] = produced["n"]
+    mdparam.save_plain(model, outdir / "after.safetensors")  # the group still works
+    (outdir / f"save_fails_{rank}.json").write_text(json.dumps(errors))
+
+
 def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
+    from datetime import timedelta
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A rank left waiting in a collective fails this scenario in a minute, not gloo's 30.
+    timeout = timedelta(seconds=60) if scenario == "save_fails" else None
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         if scenario == "train":
             scenario_train(rank, world, *args)
@@ -211,6 +260,8 @@ def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
             scenario_dcp(rank, world, *args)
         elif scenario == "kinds":
             scenario_kinds(rank, world, *args)
+        elif scenario == "save_fails":
+            scenario_save_fails(rank, world, *args)
         elif scenario == "register_after_shard":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard

@@ -104,3 +104,21 @@ def test_fsdp_row_col_spheres_init_radius_experts_and_relative_step(tmp_path):
     print(f"kinds: max relative loss difference {loss_err:.2e}, weight difference {weight_err:.2e}")
     assert loss_err <= 1e-5 and weight_err <= 1e-4
     assert max(fsdp["sphere"]) <= 1e-5
+
+
+def test_a_failing_fsdp_writer_stops_every_rank_without_a_hang(tmp_path):
+    launch("save_fails", tmp_path)  # a rank left in a gather would time out and fail this
+    writer = json.loads((tmp_path / "save_fails_0.json").read_text())
+    other = json.loads((tmp_path / "save_fails_1.json").read_text())
+    for errors in (writer, other):  # a check every rank makes: every rank raises it
+        assert errors["metadata"].startswith("TypeError: metadata must map str to str"), errors
+    assert writer["before"] == "PermissionError: simulated read-only directory"
+    assert writer["midway"] == "OSError: simulated disk error"
+    assert writer["tensors_before_failure"] == 4  # the failure came midway
+    for what in ("before", "midway"):
+        assert other[what].startswith("RuntimeError: mdparam: rank 0 failed to write"), other
+    for name in ("bad_metadata", "before", "midway"):
+        assert not (tmp_path / f"{name}.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # no partial file left
+    plain = tiny_gpt(seed=5)  # the save after the failures is whole
+    plain.load_state_dict(safetensors.torch.load_file(tmp_path / "after.safetensors"), strict=True)
