@@ -45,11 +45,6 @@ class CompiledStep:
                     "twice. Build it without attach() (or remove the handle attach returned): the "
                     "compiled step runs it"
                 )
-            if retraction.sharded:
-                raise ValueError(
-                    "mdparam.compile_step does not support FSDP2-sharded directions yet; call "
-                    "optimizer.step() yourself with Retraction(model).attach(optimizer)"
-                )
             _, missing = retraction._groups_of(optimizer)
             if missing:
                 raise ValueError(
@@ -81,7 +76,7 @@ class CompiledStep:
         r = self.retraction
         if r is not None and r.relative_step:
             for prev, d in zip(self._previous, r.directions):
-                prev.copy_(d)
+                prev.copy_(d.to_local() if r.sharded else d)
         self._raw_step(self.optimizer)
         if r is None or not self.retraction_in_graph:
             return None
@@ -128,7 +123,9 @@ def compile_step(
     tensors (schedulers update those in place), so a changing LR does not
     recompile. The retraction must not also be attached. Works with AdamW,
     SGD and the other torch.optim optimizers that torch.compile supports, with
-    a compiled or an eager model. ``compile_options`` go to ``torch.compile``.
+    a compiled or an eager model, and under FSDP2 (the step compiles over the
+    DTensor shards; the sharded retraction runs eagerly after it).
+    ``compile_options`` go to ``torch.compile``.
 
     Where the retraction runs follows its own ``compile`` setting: a compiled
     :class:`Retraction` (``compile=True``, the default on accelerators) is

@@ -35,7 +35,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data[:, :-1], data[:, 1:]
 
 
-def build(mode: str, world: int, compile: bool = False):
+def build(
+    mode: str, world: int, compile: bool = False, relative: bool = False, attach: bool = True
+):
     model = tiny_gpt(seed=0)
     mdparam.register(model)
     if mode == "fsdp":
@@ -53,8 +55,9 @@ def build(mode: str, world: int, compile: bool = False):
         net = model
     opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.01, gain_lr=0.01))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 20)
-    retract = mdparam.Retraction(model)
-    retract.attach(opt)
+    retract = mdparam.Retraction(model, relative_step=relative)
+    if attach:
+        retract.attach(opt)
     fwd = net
     if compile and mode == "fsdp":
         for block in model.blocks:  # FSDP2's recipe: compile each sharded block
@@ -65,7 +68,7 @@ def build(mode: str, world: int, compile: bool = False):
 
 
 def train(
-    model, fwd, opt, sched, mode: str, rank: int, world: int, steps: range
+    model, fwd, opt, sched, mode: str, rank: int, world: int, steps: range, step_fn=None
 ) -> tuple[list, list]:
     losses, sphere = [], []
     for step in steps:
@@ -74,7 +77,7 @@ def train(
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
         loss.backward()
-        opt.step()
+        (step_fn or opt.step)()
         sched.step()
         opt.zero_grad(set_to_none=True)
         value = loss.detach().clone()
@@ -200,6 +203,34 @@ def scenario_dcp(rank: int, world: int, phase: str, outdir: Path) -> None:
         (outdir / "resumed.json").write_text(json.dumps({"losses": losses}))
 
 
+def scenario_compile_step(rank: int, world: int, outdir: Path) -> None:
+    """FSDP2: mdparam.compile_step against the attached eager step, plain and relative mode."""
+    from conftest import rel_err
+    from torch._dynamo.utils import counters
+
+    result = {}
+    for relative in (False, True):
+        runs = {}
+        for how in ("attach", "compile_step"):
+            model, fwd, opt, sched, retract = build(
+                "fsdp", world, relative=relative, attach=how == "attach"
+            )
+            step_fn = mdparam.compile_step(opt, retract) if how == "compile_step" else None
+            graphs = counters["stats"]["unique_graphs"]
+            losses, sphere = train(model, fwd, opt, sched, "fsdp", rank, world, range(4), step_fn)
+            if how == "compile_step":  # the step really compiled
+                result[f"graphs_relative_{relative}"] = counters["stats"]["unique_graphs"] - graphs
+            runs[how] = (losses, sphere, mdparam.plain_state_dict(model))
+        (la, _, wa), (lc, sc, wc) = runs["attach"], runs["compile_step"]
+        result["relative" if relative else "plain"] = {
+            "loss_err": max(abs(a - c) / abs(a) for a, c in zip(la, lc)),
+            "weight_err": max(rel_err(wc[k], wa[k]) for k in wa),
+            "sphere": max(sc),
+        }
+    if rank == 0:
+        (outdir / "compile_step.json").write_text(json.dumps(result))
+
+
 def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
     """FSDP2 save_plain whose writer (rank 0) fails before and midway through its gathers."""
     import mdparam.checkpoint as ck
@@ -260,6 +291,8 @@ def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
             scenario_dcp(rank, world, *args)
         elif scenario == "kinds":
             scenario_kinds(rank, world, *args)
+        elif scenario == "compile_step":
+            scenario_compile_step(rank, world, *args)
         elif scenario == "save_fails":
             scenario_save_fails(rank, world, *args)
         elif scenario == "register_after_shard":

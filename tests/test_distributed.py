@@ -122,3 +122,16 @@ def test_a_failing_fsdp_writer_stops_every_rank_without_a_hang(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # no partial file left
     plain = tiny_gpt(seed=5)  # the save after the failures is whole
     plain.load_state_dict(safetensors.torch.load_file(tmp_path / "after.safetensors"), strict=True)
+
+
+def test_compile_step_on_fsdp2_matches_the_attached_eager_step(tmp_path):
+    # The optimizer step compiles over the DTensor shards; the sharded retraction
+    # (one all-reduce) runs eagerly after it.
+    launch("compile_step", tmp_path)
+    result = json.loads((tmp_path / "compile_step.json").read_text())
+    print("compile_step on FSDP2 vs attach:", result)
+    assert result["graphs_relative_False"] >= 1 and result["graphs_relative_True"] >= 1
+    for mode in ("plain", "relative"):
+        assert result[mode]["loss_err"] <= 1e-5
+        assert result[mode]["weight_err"] <= 1e-4
+        assert result[mode]["sphere"] <= 1e-5
