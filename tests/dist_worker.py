@@ -233,28 +233,26 @@ def scenario_compile_step(rank: int, world: int, outdir: Path) -> None:
 
 def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
     """FSDP2 save_plain whose writer (rank 0) fails before and midway through its gathers."""
+    import contextlib
+    from unittest import mock
+
     import mdparam.checkpoint as ck
 
     model, *_ = build("fsdp", world)
     errors = {}
-    try:  # checked on every rank, before any gather
-        mdparam.save_plain(model, outdir / "bad_metadata.safetensors", metadata={"step": 5})
-    except Exception as e:
-        errors["metadata"] = f"{type(e).__name__}: {e}"
 
-    real_write = ck.write_file
+    def attempt(what: str, patches: dict, **save_kwargs) -> None:
+        """save_plain with some of mdparam.checkpoint's names patched; record its error."""
+        with contextlib.ExitStack() as stack:
+            for name, fn in patches.items():
+                stack.enter_context(mock.patch.object(ck, name, fn))
+            try:
+                mdparam.save_plain(model, outdir / f"{what}.safetensors", **save_kwargs)
+            except Exception as e:
+                errors[what] = f"{type(e).__name__}: {e}"
 
     def refusing_write(*args, **kwargs):  # rank 0 fails before reading any tensor
         raise PermissionError("simulated read-only directory")
-
-    if rank == 0:
-        ck.write_file = refusing_write
-    try:
-        mdparam.save_plain(model, outdir / "before.safetensors")
-    except Exception as e:
-        errors["before"] = f"{type(e).__name__}: {e}"
-    finally:
-        ck.write_file = real_write
 
     real_cast, produced = ck._cast, {"n": 0}
 
@@ -264,13 +262,9 @@ def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
             raise OSError("simulated disk error")
         return real_cast(t, dtype)
 
-    ck._cast = failing_cast
-    try:
-        mdparam.save_plain(model, outdir / "midway.safetensors")
-    except Exception as e:
-        errors["midway"] = f"{type(e).__name__}: {e}"
-    finally:
-        ck._cast = real_cast
+    attempt("bad_metadata", {}, metadata={"step": 5})  # checked on every rank, before any gather
+    attempt("before", {"write_file": refusing_write} if rank == 0 else {})
+    attempt("midway", {"_cast": failing_cast})
     errors["tensors_before_failure"] = produced["n"]
     mdparam.save_plain(model, outdir / "after.safetensors")  # the group still works
     (outdir / f"save_fails_{rank}.json").write_text(json.dumps(errors))

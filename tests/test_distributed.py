@@ -111,7 +111,7 @@ def test_a_failing_fsdp_writer_stops_every_rank_without_a_hang(tmp_path):
     writer = json.loads((tmp_path / "save_fails_0.json").read_text())
     other = json.loads((tmp_path / "save_fails_1.json").read_text())
     for errors in (writer, other):  # a check every rank makes: every rank raises it
-        assert errors["metadata"].startswith("TypeError: metadata must map str to str"), errors
+        assert errors["bad_metadata"].startswith("TypeError: metadata must map str to str"), errors
     assert writer["before"] == "PermissionError: simulated read-only directory"
     assert writer["midway"] == "OSError: simulated disk error"
     assert writer["tensors_before_failure"] == 4  # the failure came midway
