@@ -47,6 +47,11 @@ def main() -> None:
         action="store_true",
         help="compile each block (FSDP2's recipe) or the DDP model",
     )
+    p.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="compile the optimizer step (mdparam.compile_step); the retraction runs after it",
+    )
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default="runs/distributed")
@@ -105,7 +110,9 @@ def main() -> None:
         )
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
-    mdparam.Retraction(model).attach(opt)  # 4.
+    retraction = mdparam.Retraction(model)  # 4.
+    if not args.compile_step:
+        retraction.attach(opt)
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -121,6 +128,8 @@ def main() -> None:
         for _ in range(start):
             sched.step()
 
+    # Built after any resume, which loads the optimizer's param groups (float LRs).
+    step_fn = mdparam.compile_step(opt, retraction) if args.compile_step else opt.step
     corpus = load_corpus()
     local = args.global_batch // world
     for step in range(start, args.steps):
@@ -133,7 +142,7 @@ def main() -> None:
         loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the main job
-        opt.step()
+        step_fn()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 20 == 0 or step == args.steps - 1:

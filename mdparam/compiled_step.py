@@ -18,13 +18,40 @@ __all__ = ["CompiledStep", "compile_step"]
 def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
     """Float learning rates become 0-d tensors, so a scheduler changing them is not a recompile.
 
-    Schedulers write into tensor LRs in place (``fill_``); the optimizer keeps
-    working as usual, state_dict included.
+    Schedulers write into tensor LRs in place (``fill_``). The optimizer's
+    state_dict still holds float LRs, so it loads into an optimizer that was
+    never compiled (torch.distributed.checkpoint refuses a tensor where the
+    fresh optimizer has a float), and loading a state_dict fills the existing
+    LR tensors in place, so the compiled step keeps its inputs.
     """
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], Tensor):
             device = group["params"][0].device if group["params"] else "cpu"
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    if getattr(optimizer, "_mdparam_tensor_lrs", False):
+        return
+    optimizer._mdparam_tensor_lrs = True
+    kept: list[Tensor | None] = []
+
+    def floats_out(opt: torch.optim.Optimizer, state: dict) -> dict:
+        for group in state["param_groups"]:  # copies of the live groups
+            if isinstance(group["lr"], Tensor):
+                group["lr"] = float(group["lr"])
+        return state
+
+    def keep(opt: torch.optim.Optimizer, state: dict) -> None:
+        kept[:] = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in opt.param_groups]
+
+    def fill_in(opt: torch.optim.Optimizer) -> None:
+        for group, lr in zip(opt.param_groups, kept):
+            if lr is not None and not isinstance(group["lr"], Tensor):
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+        kept.clear()
+
+    optimizer.register_state_dict_post_hook(floats_out)
+    optimizer.register_load_state_dict_pre_hook(keep)
+    optimizer.register_load_state_dict_post_hook(fill_in)
 
 
 class CompiledStep:

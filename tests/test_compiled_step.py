@@ -96,6 +96,24 @@ def test_resume_from_optimizer_state_dict(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_state_dict_has_float_lrs_and_loading_fills_the_lr_tensors():
+    model, opt, _, _ = setup("adamw", compiled=False)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs)  # what the compiled step reads
+    state = opt.state_dict()
+    assert all(type(g["lr"]) is float for g in state["param_groups"])
+    assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # live ones stay
+    # A never-compiled optimizer (as torch.distributed.checkpoint builds one) takes it as is.
+    fresh = torch.optim.AdamW(mdparam.param_groups(copy.deepcopy(model), lr=0.02, gain_lr=0.01))
+    fresh.load_state_dict(state)
+    assert [g["lr"] for g in fresh.param_groups] == [float(lr) for lr in lrs]
+    # Loading into the compiled optimizer fills its LR tensors in place: the same inputs.
+    state["param_groups"][0]["lr"] = 0.5
+    opt.load_state_dict(state)
+    assert all(g["lr"] is lr for g, lr in zip(opt.param_groups, lrs))
+    assert float(lrs[0]) == 0.5
+
+
 @pytest.mark.slow
 def test_compiled_step_with_a_compiled_model():
     torch._dynamo.reset()
