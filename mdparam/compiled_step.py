@@ -35,8 +35,9 @@ def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
 
     def floats_out(opt: torch.optim.Optimizer, state: dict) -> dict:
         for group in state["param_groups"]:  # copies of the live groups
-            if isinstance(group["lr"], Tensor):
-                group["lr"] = float(group["lr"])
+            for key in ("lr", "initial_lr"):  # a scheduler made later copies the tensor
+                if isinstance(group.get(key), Tensor):
+                    group[key] = float(group[key])
         return state
 
     def keep(opt: torch.optim.Optimizer, state: dict) -> None:

@@ -97,11 +97,16 @@ def test_resume_from_optimizer_state_dict(tmp_path):
 
 
 def test_state_dict_has_float_lrs_and_loading_fills_the_lr_tensors():
-    model, opt, _, _ = setup("adamw", compiled=False)
+    model = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=0.01))
+    mdparam.compile_step(opt, mdparam.Retraction(model), compile=False)
+    torch.optim.lr_scheduler.StepLR(opt, 10)  # made after compile_step: a tensor initial_lr
+    assert all(isinstance(g["initial_lr"], torch.Tensor) for g in opt.param_groups)
     lrs = [g["lr"] for g in opt.param_groups]
     assert all(isinstance(lr, torch.Tensor) for lr in lrs)  # what the compiled step reads
     state = opt.state_dict()
-    assert all(type(g["lr"]) is float for g in state["param_groups"])
+    assert all(type(g[k]) is float for g in state["param_groups"] for k in ("lr", "initial_lr"))
     assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # live ones stay
     # A never-compiled optimizer (as torch.distributed.checkpoint builds one) takes it as is.
     fresh = torch.optim.AdamW(mdparam.param_groups(copy.deepcopy(model), lr=0.02, gain_lr=0.01))
