@@ -158,12 +158,19 @@ def _scale_rows_cols(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.mul(d, a).mul_(b)
 
 
-def _scale_rows_cols_grads(grad: Tensor, d: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
-    """Gradients of (D * a) * b for D, a and b, with one matrix-sized temporary (no grad mode)."""
+def _scale_rows_cols_grads(
+    grad: Tensor, d: Tensor, a: Tensor, b: Tensor, need: tuple[bool, ...] = (True, True, True)
+) -> tuple[Tensor | None, ...]:
+    """Gradients of (D * a) * b for D, a and b (those in ``need``), with one matrix-sized
+    temporary. Not differentiable itself (``out=``): call it with grad mode off."""
+    need_d, need_a, need_b = need
+    if not (need_a or need_b):
+        return (torch.mul(grad, a).mul_(b) if need_d else None), None, None
     p = grad * d
-    ga = p @ b.mT  # sum_j grad_ij d_ij b_j
-    gb = a.mT @ p  # sum_i a_i grad_ij d_ij
-    return torch.mul(grad, a, out=p).mul_(b), ga, gb
+    ga = p @ b.mT if need_a else None  # sum_j grad_ij d_ij b_j
+    gb = a.mT @ p if need_b else None  # sum_i a_i grad_ij d_ij
+    gd = torch.mul(grad, a, out=p).mul_(b) if need_d else None  # reuses p's memory
+    return gd, ga, gb
 
 
 class _ScaleRowsCols(torch.autograd.Function):
@@ -189,20 +196,15 @@ class _ScaleRowsCols(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         d, a, b = ctx.saved_tensors
         need_d, need_a, need_b = ctx.needs_input_grad
-        if all(ctx.needs_input_grad) and not torch.is_grad_enabled():
-            return _scale_rows_cols_grads(grad, d, a, b)
-        ga = gb = gd = None
-        if need_a or need_b:
-            p = grad * d
-            ga = p @ b.mT if need_a else None  # sum_j grad_ij d_ij b_j
-            gb = a.mT @ p if need_b else None  # sum_i a_i grad_ij d_ij
-            if need_d:
-                # reuse p's memory, unless this backward is itself differentiated
-                # (create_graph, torch.func), where out= is not allowed
-                gd = grad * a * b if torch.is_grad_enabled() else torch.mul(grad, a, out=p).mul_(b)
-        elif need_d:
-            gd = grad * a * b if torch.is_grad_enabled() else torch.mul(grad, a).mul_(b)
-        return gd, ga, gb
+        if not torch.is_grad_enabled():
+            return _scale_rows_cols_grads(grad, d, a, b, ctx.needs_input_grad)
+        # This backward is itself differentiated (create_graph, torch.func): plain ops, no out=.
+        p = grad * d if need_a or need_b else None
+        return (
+            grad * a * b if need_d else None,
+            p @ b.mT if need_a else None,
+            a.mT @ p if need_b else None,
+        )
 
 
 # Under torch.compile the fuse is normally traced, and inductor fuses its products
