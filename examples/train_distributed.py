@@ -141,7 +141,7 @@ def main() -> None:
         )
         loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the main job
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)  # as the main job
         step_fn()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -297,7 +297,8 @@ def _on_writer_rank(st: _State, order: list[str], write: Callable[[], object]) -
             raise failure
         raise RuntimeError(
             "mdparam: rank 0 failed to write the checkpoint (see its error); every rank "
-            "stops here together and nothing was written"
+            "stops here together and nothing was written. Fix what rank 0 reports (a full "
+            "disk, a path, the metadata) and call the save again on every rank"
         )
 
 
