@@ -55,12 +55,12 @@ from workloads import (  # noqa: E402
     _factored_forward,
     build_factored,
     build_pair,
+    factored_parts,
     interleaved,
     summary,
 )
 
 import mdparam  # noqa: E402
-from mdparam.maps import apply_gain_map  # noqa: E402
 
 LABELS = {
     "md": "MLP blocks: MD, W formed (the library)",
@@ -88,12 +88,9 @@ class MLPStack(nn.Module):
 
 def _bmm_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """phi(r) * ((x * phi(c)) @ D^T) as a batch-1 bmm, so a CPU GEMM template may take it."""
-    plist = self.parametrizations.weight
-    gain_map = plist[0].config.gain_map
-    a = apply_gain_map(plist.original1, gain_map)
-    b = apply_gain_map(plist.original2, gain_map)
+    d, a, b = factored_parts(self)
     xs = (x * b).reshape(1, -1, x.shape[-1])
-    y = torch.bmm(xs, plist.original0.t().unsqueeze(0))
+    y = torch.bmm(xs, d.t().unsqueeze(0))
     return y.reshape(*x.shape[:-1], -1) * a
 
 

@@ -149,15 +149,25 @@ def build_optimizer_variants(
     return out
 
 
-def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """y = phi(r) * ((x * phi(c)) @ D^T) + bias: never builds W (rowcol gains only)."""
+def factored_parts(
+    layer: torch.nn.Linear,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(D, phi(r), phi(c)) of a registered Linear with row and column gains."""
     from mdparam.maps import apply_gain_map
 
-    plist = self.parametrizations.weight
+    plist = layer.parametrizations.weight
     gain_map = plist[0].config.gain_map
-    a = apply_gain_map(plist.original1, gain_map)
-    b = apply_gain_map(plist.original2, gain_map)
-    y = F.linear(x * b, plist.original0) * a
+    return (
+        plist.original0,
+        apply_gain_map(plist.original1, gain_map),
+        apply_gain_map(plist.original2, gain_map),
+    )
+
+
+def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = phi(r) * ((x * phi(c)) @ D^T) + bias: never builds W (rowcol gains only)."""
+    d, a, b = factored_parts(self)
+    y = F.linear(x * b, d) * a
     return y if self.bias is None else y + self.bias
 
 
