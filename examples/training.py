@@ -51,11 +51,16 @@ class RunConfig:
     batch: int = 16
     steps: int = 1000
     lr: float | None = None  # None: the method's default below
-    gain_lr: float = 1e-2
+    gain_lr: float = 3e-3  # MD only
     other_lr: float = 3e-3
     weight_decay: float = 0.1  # baselines only
     warmup_frac: float = 0.05  # baselines only
     clip: float | None = 1.0  # gradient-norm clipping, every method
+    # The MD recipe's knobs (mdparam.recipe; the ablation varies them one at a time):
+    init: str = "sphere"  # "sphere" (the paper's start) or "preserve"
+    out_scale: bool = True  # residual output projections on a 1/sqrt(2L) sphere
+    embed_head: str = "plain"  # "plain", "sphere" or "sphere-gains" (embeddings and head)
+    clip_scope: str = "fused"  # "fused" (dL/dW, the authors') or "all"
     seed: int = 0
     compile: bool = True
     eval_every: int = 0  # 0: only at the end
@@ -75,10 +80,10 @@ class RunConfig:
 
 DEFAULT_LR = {
     "adamw": 3e-3,
-    "md-adamw": 2e-2,
-    "md-adamw-relative": 2e-3,
+    "md-adamw": 1e-3,
+    "md-adamw-relative": 3e-3,
     "muon": 2e-2,
-    "md-muon": 2e-2,
+    "md-muon": 3e-2,
     "sphere": 2e-2,
 }
 
@@ -90,6 +95,21 @@ class Setup:
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     retraction: mdparam.Retraction | None = None
     registered: list[str] = field(default_factory=list)
+    recipe: mdparam.Recipe | None = None
+    clip: float | None = 1.0
+
+    def step(self) -> None:
+        """Clip, step, schedule, zero grads: the recipe's step for MD methods."""
+        if self.recipe is not None:
+            self.recipe.step()
+            return
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        for opt in self.optimizers:
+            opt.step()
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            sched.step()
+            opt.zero_grad(set_to_none=True)
 
 
 def _schedule(steps: int, warmup: int):
@@ -110,59 +130,77 @@ def _matrices(model: nn.Module, hidden_only: bool) -> tuple[list, list]:
     return mats, rest
 
 
+OUTPUT_PROJECTIONS = ("blocks.*.attn.o", "blocks.*.mlp.down")
+
+
+def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
+    """The MD methods' setup: :func:`mdparam.recipe` with this run's knobs."""
+    scale = 1 / math.sqrt(2 * cfg.depth)
+    return mdparam.recipe(
+        model,
+        "muon" if cfg.method == "md-muon" else "adamw",
+        lr=lr,
+        steps=cfg.steps,
+        gain_lr=cfg.gain_lr,
+        other_lr=cfg.other_lr,
+        relative_step=cfg.method == "md-adamw-relative",
+        clip=cfg.clip,
+        clip_scope=cfg.clip_scope,
+        head="head",
+        head_mode=cfg.embed_head,
+        embeddings="plain" if cfg.embed_head == "plain" else "sphere",
+        radius_scale=dict.fromkeys(OUTPUT_PROJECTIONS, scale) if cfg.out_scale else None,
+        init=cfg.init,
+    )
+
+
+def _baseline(model: GPT, cfg: RunConfig, lr: float) -> list[torch.optim.Optimizer]:
+    if cfg.method == "adamw":
+        mats, rest = _matrices(model, hidden_only=False)
+        groups = [
+            {"params": mats, "weight_decay": cfg.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+        return [torch.optim.AdamW(groups, lr=lr)]
+    mats, rest = _matrices(model, hidden_only=True)
+    emb_head = [p for p in rest if p.ndim == 2]
+    vectors = [p for p in rest if p.ndim != 2]
+    return [
+        torch.optim.Muon(mats, lr=lr, weight_decay=cfg.weight_decay),
+        torch.optim.AdamW(
+            [
+                {"params": emb_head, "weight_decay": cfg.weight_decay},
+                {"params": vectors, "weight_decay": 0.0},
+            ],
+            lr=cfg.other_lr,
+        ),
+    ]
+
+
 def build(cfg: RunConfig) -> Setup:
     """The model and the optimizers of a method, as the module docstring describes."""
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(256, cfg.block, cfg.depth, cfg.heads, cfg.width))
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
-    warmup = 0
-    names: list[str] = []
-    retraction = None
-    if cfg.method == "adamw":
-        mats, rest = _matrices(model, hidden_only=False)
-        opts = [
-            torch.optim.AdamW(
-                [
-                    {"params": mats, "weight_decay": cfg.weight_decay},
-                    {"params": rest, "weight_decay": 0.0},
-                ],
-                lr=lr,
-            )
-        ]
-        warmup = max(1, int(cfg.warmup_frac * cfg.steps))
-    elif cfg.method == "muon":
-        mats, rest = _matrices(model, hidden_only=True)
-        emb_head = [p for p in rest if p.ndim == 2]
-        vectors = [p for p in rest if p.ndim != 2]
-        opts = [
-            torch.optim.Muon(mats, lr=lr),  # torch's default weight decay, 0.1
-            torch.optim.AdamW(
-                [
-                    {"params": emb_head, "weight_decay": cfg.weight_decay},
-                    {"params": vectors, "weight_decay": 0.0},
-                ],
-                lr=cfg.other_lr,
-            ),
-        ]
-        warmup = max(1, int(cfg.warmup_frac * cfg.steps))
-    else:
-        kw = {"gains": "none", "init": "sphere"} if cfg.method == "sphere" else {}
-        names = mdparam.register(model, exclude="head", **kw)
-        if cfg.method == "md-muon":
-            muon, adamw = mdparam.muon_optimizers(
-                model, lr=lr, gain_lr=cfg.gain_lr, other_lr=cfg.other_lr, other_weight_decay=0.0
-            )
-            opts = [muon, adamw]
-        else:
-            groups = mdparam.param_groups(
-                model, lr=lr, gain_lr=cfg.gain_lr, other_lr=cfg.other_lr, other_weight_decay=0.0
-            )
-            opts = [torch.optim.AdamW(groups)]
-        retraction = mdparam.Retraction(model, relative_step=cfg.method == "md-adamw-relative")
+    if cfg.method in ("adamw", "muon"):
+        opts = _baseline(model, cfg, lr)
+        factor = _schedule(cfg.steps, max(1, int(cfg.warmup_frac * cfg.steps)))
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
+        return Setup(model, opts, schedulers, clip=cfg.clip)
+    if cfg.method == "sphere":
+        names = mdparam.register(model, exclude="head", gains="none", init="sphere")
+        groups = mdparam.param_groups(
+            model, lr=lr, gain_lr=cfg.gain_lr, other_lr=cfg.other_lr, other_weight_decay=0.0
+        )
+        opts = [torch.optim.AdamW(groups)]
+        retraction = mdparam.Retraction(model)
         retraction.attach(opts[0])
-    factor = _schedule(cfg.steps, warmup)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
-    return Setup(model, opts, schedulers, retraction, names)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opts[0], _schedule(cfg.steps, 0))]
+        return Setup(model, opts, schedulers, retraction, names, clip=cfg.clip)
+    recipe = md_recipe(model, cfg, lr)
+    return Setup(
+        model, recipe.optimizers, recipe.schedulers, recipe.retraction, recipe.registered, recipe
+    )
 
 
 @torch.no_grad()
@@ -201,16 +239,10 @@ def train(cfg: RunConfig, corpus: Corpus, *, progress: bool = False, on_step=Non
         x, y = corpus.batch("train", cfg.batch, cfg.block, gen)
         loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
         loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         try:
-            for opt in setup.optimizers:
-                opt.step()
+            setup.step()
         except mdparam.RetractionError:
             diverged = True
-        for opt, sched in zip(setup.optimizers, setup.schedulers):
-            sched.step()
-            opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
         losses.append(value)
         if cfg.track_stats and setup.retraction is not None:

@@ -12,10 +12,12 @@ by any torch.optim optimizer.
 
 from .adapters import Adapter, register_adapter
 from .checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
+from .clipping import clip_grad_norm_, fused_grad_norm
 from .compiled_step import CompiledStep, compile_step
 from .hf import save_pretrained
 from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
 from .parametrization import MagnitudeDirection, MDConfig, fuse
+from .recipe import Recipe, recipe
 from .register import Registered, register, registered, reinitialize, remove
 from .retraction import Retraction, RetractionError
 from .stats import stats
@@ -27,18 +29,22 @@ __all__ = [
     "CompiledStep",
     "MDConfig",
     "MagnitudeDirection",
+    "Recipe",
     "Registered",
     "Retraction",
     "RetractionError",
     "__version__",
+    "clip_grad_norm_",
     "compile_step",
     "fuse",
+    "fused_grad_norm",
     "load_plain",
     "load_training",
     "muon_optimizers",
     "muon_param_groups",
     "param_groups",
     "plain_state_dict",
+    "recipe",
     "register",
     "register_adapter",
     "registered",

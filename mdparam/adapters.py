@@ -34,7 +34,7 @@ from .views import LAYOUTS
 
 __all__ = ["Adapter", "adapter_for", "register_adapter"]
 
-_OPTIONS = ("gains", "sphere", "radius", "gain_map", "init")
+_OPTIONS = ("gains", "sphere", "radius", "radius_scale", "gain_map", "init")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,12 @@ class CompiledStep:
                     f"mdparam.compile_step: the optimizer does not step the directions of {missing[:3]}; "
                     "give it the optimizer that holds all directions"
                 )
+            if retraction.relative_step and not retraction.relative_all:
+                raise NotImplementedError(
+                    "mdparam.compile_step: a Retraction whose relative step covers only some "
+                    "directions (relative_step=<glob>) is not supported; use relative_step=True, "
+                    "or attach the Retraction and call optimizer.step() yourself"
+                )
             if retraction.relative_step:
                 self._previous = retraction._prepare_relative(optimizer)
         if optimizer.defaults.get("differentiable"):

@@ -85,11 +85,34 @@ def param_groups(
         settings["other"]["weight_decay"] = other_weight_decay
     groups = []
     for role in ROLES:
-        if role in roles and split[role]:
+        if role not in roles or not split[role]:
+            continue
+        if role != "direction":
             groups.append(
                 {"params": split[role], **group_options, **settings[role], "mdparam_role": role}
             )
+            continue
+        for scale, params in _by_radius_scale(model, split[role]).items():
+            group = {"params": params, **group_options, **settings[role], "mdparam_role": role}
+            if scale != 1.0:  # register(radius_scale=...): the same relative step
+                group.update(lr=lr * scale, mdparam_lr_scale=scale)
+            groups.append(group)
     return groups
+
+
+def _radius_scales(model: nn.Module) -> dict[int, float]:
+    """Each direction's ``radius_scale`` (see :func:`mdparam.register`), by parameter id."""
+    return {id(e.direction): e.parametrization.radius_scale for e in registered(model)}
+
+
+def _by_radius_scale(
+    model: nn.Module, directions: list[nn.Parameter]
+) -> dict[float, list[nn.Parameter]]:
+    scales = _radius_scales(model)
+    out: dict[float, list[nn.Parameter]] = {}
+    for p in directions:
+        out.setdefault(scales.get(id(p), 1.0), []).append(p)
+    return out
 
 
 def _muon_default_factor(d_out: int, d_in: int) -> float:
@@ -97,7 +120,12 @@ def _muon_default_factor(d_out: int, d_in: int) -> float:
     return math.sqrt(max(1.0, d_out / d_in))
 
 
-def muon_param_groups(model: nn.Module, lr: float, **group_options: Any) -> list[dict[str, Any]]:
+def muon_param_groups(
+    model: nn.Module,
+    lr: float,
+    directions: Sequence[nn.Parameter] | None = None,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
     """Groups for ``torch.optim.Muon`` over the directions, with the paper's step size.
 
     Muon's orthogonalised update U has ||U||_F = sqrt(min(d_out, d_in)); the
@@ -106,22 +134,27 @@ def muon_param_groups(model: nn.Module, lr: float, **group_options: Any) -> list
     the relative step of the direction, whatever the shape. torch's Muon always applies its own
     factor sqrt(max(1, d_out/d_in)), so each group's lr is set to
     ``lr * sqrt(max/min) / that factor``; one group per shape, tagged
-    ``"mdparam_role": "direction"`` and ``"mdparam_lr_scale"``.
+    ``"mdparam_role": "direction"`` and ``"mdparam_lr_scale"``. A direction
+    registered with ``radius_scale`` s has a sphere s times the size, and its
+    step is scaled by s too, so ``lr`` stays its relative step.
     Weight decay is 0. Use with ``torch.optim.Muon(groups)`` (default
-    ``adjust_lr_fn``).
+    ``adjust_lr_fn``). ``directions`` limits the groups to those parameters
+    (the rest going to another optimizer); None takes every direction.
     """
-    directions = split_params(model)["direction"]
-    by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    if directions is None:
+        directions = split_params(model)["direction"]
+    radius_scales = _radius_scales(model)
+    by_shape: dict[tuple[int, int, float], list[nn.Parameter]] = {}
     for p in directions:
         if p.ndim != 2:
             raise ValueError(
                 f"torch.optim.Muon takes only 2-D tensors, but a direction has shape "
                 f"{tuple(p.shape)}; exclude that layer from Muon (give it to AdamW)"
             )
-        by_shape.setdefault(tuple(p.shape), []).append(p)
+        by_shape.setdefault((*p.shape, radius_scales.get(id(p), 1.0)), []).append(p)
     groups = []
-    for (d_out, d_in), params in by_shape.items():
-        paper = math.sqrt(max(d_out, d_in) / min(d_out, d_in))
+    for (d_out, d_in, radius_scale), params in by_shape.items():
+        paper = math.sqrt(max(d_out, d_in) / min(d_out, d_in)) * radius_scale
         scale = paper / _muon_default_factor(d_out, d_in)
         groups.append(
             {

@@ -23,6 +23,7 @@ __all__ = [
     "MDConfig",
     "MagnitudeDirection",
     "fuse",
+    "gain_magnitudes",
     "gain_roles",
 ]
 
@@ -103,6 +104,11 @@ class MDConfig:
             shape=tuple(d["shape"]),
             radius=None if d["radius"] is None else float(d["radius"]),
         )
+
+
+def gain_magnitudes(raw_gains: tuple[Tensor, ...], config: MDConfig) -> tuple[Tensor, ...]:
+    """phi of each raw gain, shaped to broadcast against the matrix view, row factor first."""
+    return _magnitudes(tuple(raw_gains), config.gains, config.gain_map)
 
 
 def _magnitudes(raw_gains: tuple[Tensor, ...], gains: str, gain_map: str) -> tuple[Tensor, ...]:
@@ -325,6 +331,8 @@ class MagnitudeDirection(nn.Module):
         # weight and neutral gains instead of absorbing the norm.
         self.start_on_sphere = False
         self.init = "preserve"  # the init option the layer was registered with
+        # register()'s radius_scale: the optimizer helpers scale this direction's LR by it.
+        self.radius_scale = 1.0
         if radius is not None:
             self.register_buffer("radius", radius)
         else:

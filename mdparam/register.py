@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -167,6 +168,20 @@ class _Default(str):
     """A default option value: a layer kind's own default may replace it."""
 
 
+class _DefaultNumber(float):
+    """A default numeric option value (see :class:`_Default`)."""
+
+
+def _is_default(value: object) -> bool:
+    return isinstance(value, _Default | _DefaultNumber)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, _Default):
+        return str(value)
+    return float(value) if isinstance(value, _DefaultNumber) else value
+
+
 LayerKinds = str | type | Iterable[type | str]
 
 
@@ -196,11 +211,11 @@ def _options_for(
     opts = dict(explicit)
     for match, values in overrides:  # later entries win
         if match(name, mod):
-            opts.update({k: v for k, v in values.items() if isinstance(explicit.get(k), _Default)})
+            opts.update({k: v for k, v in values.items() if _is_default(explicit.get(k))})
     for k, v in defaults.items():
-        if isinstance(opts[k], _Default):
+        if _is_default(opts[k]):
             opts[k] = v
-    return {k: (str(v) if isinstance(v, _Default) else v) for k, v in opts.items()}
+    return {k: _plain(v) for k, v in opts.items()}
 
 
 def _check_values(opts: dict[str, object]) -> None:
@@ -216,6 +231,11 @@ def _check_values(opts: dict[str, object]) -> None:
         resolve_radius(
             radius, torch.empty(1, 1, device="meta"), opts["sphere"]
         )  # validates the number
+    scale = opts["radius_scale"]
+    if isinstance(scale, bool) or not (
+        isinstance(scale, int | float) and math.isfinite(scale) and scale > 0
+    ):
+        raise ValueError(f"radius_scale must be a positive finite number, got {scale!r}")
 
 
 def _check_options(opts: dict[str, object], where: str) -> None:
@@ -241,6 +261,7 @@ def register(
     gains: str = _Default("rowcol"),
     sphere: str = _Default("flat"),
     radius: str | float = _Default("shape"),
+    radius_scale: float = _DefaultNumber(1.0),
     gain_map: str = _Default("softplus"),
     include: Selector = None,
     exclude: Selector = None,
@@ -263,6 +284,12 @@ def register(
             column on its own sphere).
         radius: ``"shape"``, ``"init"`` or a positive number; see
             :mod:`mdparam.sphere` for what each means on each sphere.
+        radius_scale: a factor on the radius ``radius`` gives. Mostly set
+            per layer through ``overrides``: the authors put residual output
+            projections on a sphere 1/sqrt(2 * n_layers) the usual size.
+            :func:`mdparam.param_groups` and :func:`mdparam.muon_param_groups`
+            scale those directions' learning rates by the same factor, so
+            that one LR is still the same relative step.
         gain_map: phi, the map from raw gain to magnitude: ``"softplus"``,
             ``"identity"`` or ``"exp"``.
         include: which layers to take among the supported ones: a glob on the
@@ -306,6 +333,7 @@ def register(
         "gains": gains,
         "sphere": sphere,
         "radius": radius,
+        "radius_scale": radius_scale,
         "gain_map": gain_map,
         "init": init,
     }
@@ -323,7 +351,7 @@ def register(
         override_list.append((_kind_matcher(kind, "overrides"), values))
     # The call's own values fail fast here; combinations are checked per layer below,
     # once each kind's defaults and the overrides are in.
-    _check_values({k: str(v) if isinstance(v, _Default) else v for k, v in explicit.items()})
+    _check_values({k: _plain(v) for k, v in explicit.items()})
     _check_not_wrapped(model)
     include_fn = _as_matcher(include, "include")
     exclude_fn = _as_matcher(exclude, "exclude")
@@ -468,12 +496,15 @@ def _register_one(
     gains: str,
     sphere: str,
     radius: str | float,
+    radius_scale: float,
     gain_map: str,
     init: str,
 ) -> None:
     weight = getattr(mod, tensor_name)
     matrix = to_matrix(weight.detach(), layout)
     r = resolve_radius(radius, matrix, sphere)
+    if radius_scale != 1.0:
+        r = r * radius_scale
     config = MDConfig(
         gains=gains,
         sphere=sphere,
@@ -484,6 +515,7 @@ def _register_one(
     )
     param = MagnitudeDirection(config, None if isinstance(r, float) else r)
     param.init = init
+    param.radius_scale = float(radius_scale)
     param.start_on_sphere = init == "sphere"
     try:
         parametrize.register_parametrization(mod, tensor_name, param)

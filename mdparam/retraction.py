@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,30 @@ from .sphere import sphere_norm
 from .views import to_matrix, write_back
 
 __all__ = ["Retraction", "RetractionError", "retract_"]
+
+
+Selector = str | Iterable[str] | Callable[[str], bool]
+
+
+def _relative_indices(selector: bool | Selector, names: list[str]) -> list[int]:
+    """Indices of the directions that take the relative step (``relative_step=``)."""
+    if selector is True or selector is False:
+        return list(range(len(names))) if selector else []
+    if callable(selector):
+        return [i for i, n in enumerate(names) if selector(n)]
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            "relative_step must be True/False, a glob on direction names (e.g. 'blocks.*'), "
+            f"a list of globs or a predicate name -> bool, got {selector!r}"
+        )
+    chosen = [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(
+            f"mdparam.Retraction: relative_step={selector!r} matches no direction; names look "
+            f"like {names[:3]}"
+        )
+    return chosen
 
 
 class RetractionError(FloatingPointError):
@@ -111,7 +136,12 @@ class Retraction:
     before the retraction, D <- retract(D_prev + lr R U / ||U||). This is the
     Hyperball-style normalised update; Muon with :func:`muon_param_groups`
     is already relative and does not need it. It costs one copy of the
-    directions in memory and three more passes over them per step.
+    directions in memory and three more passes over them per step. A glob
+    on direction names, a list of globs or a predicate ``name -> bool``
+    instead of True limits it to those directions (say, the hidden matrices
+    but not an embedding on a row sphere, whose rows mostly get no
+    gradient and would all be moved by ``lr`` anyway); the rest are only
+    retracted.
 
     A direction of zero norm stays zero (not NaN). With ``check=True``
     (default) a zero or non-finite norm (a diverged step) raises
@@ -137,7 +167,7 @@ class Retraction:
         *,
         compile: bool | str = "auto",
         check: bool = True,
-        relative_step: bool = False,
+        relative_step: bool | Selector = False,
     ) -> None:
         entries = registered(model)
         if not entries:
@@ -163,7 +193,9 @@ class Retraction:
             compile = self.directions[0].device.type != "cpu" and not self.sharded
         self.compiled = bool(compile)
         self.check = check
-        self.relative_step = relative_step
+        self._rel = _relative_indices(relative_step, self.names)
+        self.relative_step = bool(self._rel)
+        self.relative_all = len(self._rel) == len(self.directions)
         self._fn: Callable[..., list[Tensor]] = retract_
         self._step_fn: Callable[..., None] = relative_step_
         self._global_norms = True
@@ -183,6 +215,7 @@ class Retraction:
                 for d, s, lay in zip(self.directions, self._spheres, self._layouts)
             )
             self._plan = reduce_plan(self.directions, self._spheres, self._layouts)
+            self._rel_plan = reduce_plan(*self._relative(self.directions))
         elif self.compiled:
             self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
             self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
@@ -227,11 +260,12 @@ class Retraction:
             if self._pending:  # once per recorded step: a second call only retracts
                 for group, lr in self._lr_sources:
                     lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
-                args = (local, self._previous, self._spheres, self._layouts, radii, self._lrs)
+                moved, spheres, layouts = self._relative(local)
+                args = (moved, self._previous, spheres, layouts, self._relative_only(radii))
                 if self.sharded:
-                    self._step_fn(*args, norm_fn)
+                    self._step_fn(*args, self._lrs, self._relative_norm_fn)
                 else:
-                    self._step_fn(*args)
+                    self._step_fn(*args, self._lrs)
                 self._pending = False
         if self.sharded:
             norms = self._fn(local, self._spheres, self._layouts, radii, norm_fn(local))
@@ -239,6 +273,21 @@ class Retraction:
             norms = self._fn(local, self._spheres, self._layouts, radii)
         if self.check:
             self.check_norms(norms)
+
+    def _relative_only(self, items: Sequence[Any]) -> list[Any]:
+        return [items[i] for i in self._rel]
+
+    def _relative(self, tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[str], list[str]]:
+        """The relative-step directions among ``tensors``, with their spheres and layouts."""
+        return (
+            self._relative_only(tensors),
+            self._relative_only(self._spheres),
+            self._relative_only(self._layouts),
+        )
+
+    def _relative_norm_fn(self, tensors: list[Tensor]) -> list[Tensor]:
+        _, spheres, layouts = self._relative(self.directions)
+        return sharded_norms(tensors, self._rel_plan, spheres, layouts)
 
     def check_norms(self, norms: list[Tensor]) -> None:
         """Raise :class:`RetractionError` if any norm the retraction saw was zero or not finite.
@@ -278,16 +327,21 @@ class Retraction:
 
     def bind_lrs(self, optimizer: torch.optim.Optimizer) -> None:
         """Relative-step mode: read each direction's learning rate from ``optimizer``'s groups."""
-        group_of, missing = self._groups_of(optimizer)
+        group_of, _ = self._groups_of(optimizer)
+        moved = self._relative_only(self.directions)
+        missing = [
+            n for n, d in zip(self._relative_only(self.names), moved) if id(d) not in group_of
+        ]
         if missing:
             raise ValueError(
-                f"mdparam.Retraction(relative_step=True): the optimizer does not hold the "
-                f"directions of {missing[:3]}; in relative-step mode one optimizer must step them all"
+                f"mdparam.Retraction(relative_step=...): the optimizer does not hold the "
+                f"directions of {missing[:3]}; in relative-step mode one optimizer must step "
+                "every direction that takes the relative step"
             )
-        self._groups = [group_of[id(d)] for d in self.directions]
+        self._groups = [group_of[id(d)] for d in moved]
         lr_of_group: dict[int, Tensor] = {}
         self._lr_sources, self._lrs = [], []
-        for d, g in zip(self.directions, self._groups):
+        for d, g in zip(moved, self._groups):
             if id(g) not in lr_of_group:
                 lr_of_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
                 self._lr_sources.append((g, lr_of_group[id(g)]))
@@ -300,7 +354,7 @@ class Retraction:
     def _prepare_relative(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
         """Relative-step mode: bind the LRs and allocate the record of D before each step."""
         self.bind_lrs(optimizer)
-        local = [d.to_local() if self.sharded else d for d in self.directions]
+        local = [d.to_local() if self.sharded else d for d in self._relative_only(self.directions)]
         self._previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
         return self._previous
 
@@ -340,7 +394,7 @@ class Retraction:
 
         def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             with torch.no_grad():
-                for prev, d in zip(self._previous, self.directions):
+                for prev, d in zip(self._previous, self._relative_only(self.directions)):
                     prev.copy_(d.to_local() if self.sharded else d)
 
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -1,0 +1,188 @@
+"""One knob at a time away from the MD recipe, 3 seeds per row: what each default is worth.
+
+    ./run python benchmarks/ablation.py              # every row (resumes)
+    ./run python benchmarks/ablation.py --report     # table and plot only
+
+The recipe is examples/training.py's MD setup (mdparam.recipe with the
+RunConfig defaults: the paper's start, gain LR 3e-3, residual output
+projections on a 1/sqrt(2L) sphere, embeddings and head plain, clipping on
+the fused weights). Each row changes one knob, for md-muon, md-adamw and
+md-adamw-relative, at width 128 (depth 2, 500 steps of 8x128 bytes) and a
+fixed direction LR per method (LRS, near each method's optimum). The Muon
+and AdamW baselines run beside them at their own best LRs, for scale.
+
+Results: benchmarks/results/ablation.json, ablation.md (the README's
+table), ablation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runs import RESULTS, load, run_rounds, save, score
+
+from examples.training import RunConfig
+
+METHODS = ("md-muon", "md-adamw", "md-adamw-relative")
+BASELINES = {"muon": 0.0283, "adamw": 0.002}  # their best LRs at width 128 (reproduce.json)
+LRS = {"md-muon": 0.0424, "md-adamw": 0.000707, "md-adamw-relative": 0.004}
+VARIANTS: dict[str, dict] = {  # label -> the knob changed from the recipe
+    "recipe": {},
+    "init: preserve": {"init": "preserve"},
+    "gain LR 1e-3": {"gain_lr": 1e-3},
+    "gain LR 1e-2": {"gain_lr": 1e-2},
+    "output projections: sphere not scaled": {"out_scale": False},
+    "embeddings + head: unit row sphere": {"embed_head": "sphere"},
+    "embeddings + head: unit row sphere, head gains": {"embed_head": "sphere-gains"},
+    "clipping: all parameters' gradients": {"clip_scope": "all"},
+}
+SETTINGS = {"width": 128, "depth": 2, "heads": 4, "block": 128, "batch": 8, "steps": 500}
+
+
+def jobs(seeds: int) -> list[dict]:
+    out = []
+    rows = [(m, label, LRS[m], knobs) for m in METHODS for label, knobs in VARIANTS.items()]
+    rows += [(m, "baseline", lr, {}) for m, lr in BASELINES.items()]
+    for seed in range(seeds):
+        for method, label, lr, knobs in rows:
+            cfg = RunConfig(
+                method=method,
+                lr=lr,
+                seed=seed,
+                compile=False,
+                eval_batches=16,
+                threads=1,
+                **SETTINGS,
+                **knobs,
+            )
+            key = f"{method}|{label}|s{seed}"
+            out.append({"key": key, "config": asdict(cfg), "label": label})
+    return out
+
+
+def summarize(data: dict) -> dict[tuple[str, str], dict]:
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in data["runs"].values():
+        groups.setdefault((r["config"]["method"], r["label"]), []).append(score(r))
+    return {
+        k: {
+            "mean": statistics.mean(v),
+            "spread": (max(v) - min(v)) / 2,
+            "n": len(v),
+            "values": sorted(v),
+        }
+        for k, v in groups.items()
+    }
+
+
+def report(data: dict, out_dir: Path) -> str:
+    s = summarize(data)
+    if not s:
+        return "no runs yet\n"
+    lines = [
+        "| change from the recipe | " + " | ".join(METHODS) + " |",
+        "|---|" + "---|" * len(METHODS),
+    ]
+    for label in VARIANTS:
+        cells = []
+        for m in METHODS:
+            row, base = s.get((m, label)), s.get((m, "recipe"))
+            if row is None:
+                cells.append("–")
+                continue
+            delta = (
+                "" if label == "recipe" or base is None else f" ({row['mean'] - base['mean']:+.3f})"
+            )
+            cells.append(f"{row['mean']:.3f} ± {row['spread']:.3f}{delta}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    base_cells = [
+        f"{m} {s[(m, 'baseline')]['mean']:.3f} ± {s[(m, 'baseline')]['spread']:.3f} (lr {lr})"
+        for m, lr in BASELINES.items()
+        if (m, "baseline") in s
+    ]
+    n = min(v["n"] for v in s.values())
+    hours = data.get("wall_seconds", 0) / 3600
+    text = (
+        "\n".join(lines)
+        + f"\n\nValidation loss in nats per byte, mean ± half-range over {n} seeds (change from "
+        "the recipe row in parentheses; lower is better). Direction LR per method: "
+        + ", ".join(f"{m} {lr}" for m, lr in LRS.items())
+        + ". Baselines at their best LRs: "
+        + "; ".join(base_cells)
+        + f". Width 128, depth 2, 500 steps of 8x128 bytes, eager. {len(data['runs'])} runs, "
+        f"{hours:.1f} h of wall time. Command: `./run python benchmarks/ablation.py`.\n"
+    )
+    (out_dir / "ablation.md").write_text(text)
+    from readme import insert_if_committed
+
+    insert_if_committed("ablation", text, out_dir)
+    plot(s, out_dir / "ablation.png")
+    return text
+
+
+def plot(s: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(VARIANTS)
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(5.2 * len(METHODS), 4.2), sharey=True)
+    for ax, m in zip(axes, METHODS):
+        for i, label in enumerate(labels):
+            row = s.get((m, label))
+            if row is None:
+                continue
+            ax.plot(row["values"], [i] * len(row["values"]), "o", color="C0", ms=4, alpha=0.6)
+            ax.plot([row["mean"]], [i], "|", color="k", ms=14, mew=2)
+        if (m, "recipe") in s:
+            ax.axvline(s[(m, "recipe")]["mean"], color="C2", lw=1, label="recipe (mean)")
+        base = "muon" if m == "md-muon" else "adamw"
+        if (base, "baseline") in s:
+            ax.axvline(s[(base, "baseline")]["mean"], color="C3", ls="--", lw=1, label=f"{base}")
+        ax.set_title(f"{m} (lr {LRS[m]})", fontsize=10)
+        ax.set_xlabel("validation loss (nats / byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("One knob away from the MD recipe (dots: seeds; bar: mean)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--results", default=str(RESULTS / "ablation.json"))
+    p.add_argument("--report", action="store_true", help="only write the table and plot")
+    args = p.parse_args()
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = load(path)
+    settings = {**SETTINGS, "lrs": LRS, "baselines": BASELINES}
+    if data["runs"] and data.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds runs made with other settings ({data.get('settings')}); pass "
+            "--results NEW.json to start a separate ablation, or restore the settings to resume"
+        )
+    data["settings"] = settings
+    save(path, data)
+    if not args.report:
+        run_rounds(path, data, lambda d: jobs(args.seeds), args.workers)
+    print(report(load(path), path.parent))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The paper's from-scratch training recipe in one call: register, optimizers, schedule, clip.
+
+:func:`recipe` is the path for training a model from its initialisation. It
+registers the model with the paper's start (``init="sphere"``: every
+direction the projected initial weight, every gain phi = 1), builds the base
+optimizer(s) with the learning rates of each role, attaches the retraction,
+sets a linear decay with no warmup, and clips the fused-weight gradient.
+
+For a model whose weights are already trained (fine-tuning, or plain weights
+loaded with :func:`mdparam.load_plain`), keep its function instead:
+``mdparam.register(model)`` (``init="preserve"``, the default of
+:func:`mdparam.register`) and build the optimizer with
+:func:`mdparam.param_groups`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .clipping import CLIP_SCOPES, clip_grad_norm_
+from .optim import muon_param_groups, param_groups
+from .register import register, registered
+from .retraction import Retraction
+
+__all__ = ["BASE_OPTIMIZERS", "EMBEDDING_MODES", "HEAD_MODES", "Recipe", "recipe"]
+
+BASE_OPTIMIZERS = ("muon", "adamw")
+EMBEDDING_MODES = ("plain", "sphere")
+HEAD_MODES = ("plain", "sphere", "sphere-gains")
+
+# The authors' unit row sphere for embedding and head (their "embed row" setup).
+_ROW_SPHERE = {"sphere": "row", "radius": 1.0}
+
+
+@dataclass
+class Recipe:
+    """What :func:`recipe` built; :meth:`step` runs one optimizer step of it.
+
+    Attributes:
+        model: the registered model.
+        optimizers: the base optimizer(s); the last holds the hidden
+            directions and carries the retraction, so it steps last.
+        schedulers: one LambdaLR per optimizer (linear decay, or constant).
+        retraction: the :class:`mdparam.Retraction`, attached to the last
+            optimizer.
+        registered: the qualified names of the parametrized tensors.
+        clip: the gradient-norm limit (None: no clipping).
+        clip_scope: ``"fused"`` or ``"all"`` (see :func:`mdparam.clip_grad_norm_`).
+    """
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    retraction: Retraction
+    registered: list[str] = field(default_factory=list)
+    clip: float | None = 1.0
+    clip_scope: str = "fused"
+
+    def step(self) -> Tensor | None:
+        """Clip, step every optimizer (the retraction runs last), advance the schedule,
+        zero the gradients. Returns the gradient norm before clipping (None without clipping)."""
+        norm = None
+        if self.clip is not None:
+            norm = clip_grad_norm_(self.model, self.clip, scope=self.clip_scope)
+        for opt in self.optimizers:
+            opt.step()
+        for sched in self.schedulers:
+            sched.step()
+        self.zero_grad()
+        return norm
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer and scheduler state, to save beside :func:`mdparam.save_training`."""
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(
+                f"this recipe has {len(self.optimizers)} optimizer(s), the state "
+                f"{len(state['optimizers'])}; build the recipe with the same base optimizer"
+            )
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+
+
+def _check(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"mdparam.recipe: unknown {name}={value!r}; choose one of {choices}")
+
+
+def _register_options(
+    embeddings: str,
+    head: str | None,
+    head_mode: str,
+    radius_scale: Mapping[str, float] | None,
+) -> dict[str, Any]:
+    """register() arguments for the chosen treatment of embeddings, head and radii."""
+    overrides: dict[Any, dict[str, object]] = {}
+    layers: list[Any] = [nn.Linear]
+    for glob, scale in (radius_scale or {}).items():
+        overrides[glob] = {"radius_scale": scale}
+    if embeddings == "sphere":
+        layers.append(nn.Embedding)
+        overrides[nn.Embedding] = {**_ROW_SPHERE, "gains": "none"}
+    kw: dict[str, Any] = {"layers": layers, "overrides": overrides}
+    if head is not None:
+        if head_mode == "plain":
+            kw["exclude"] = head
+        else:
+            gains = "rowcol" if head_mode == "sphere-gains" else "none"
+            overrides[head] = {**overrides.get(head, {}), **_ROW_SPHERE, "gains": gains}
+    return kw
+
+
+def _split_directions(
+    model: nn.Module, head: str | None
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[str]]:
+    """(hidden directions, embedding/head directions, names of the hidden ones)."""
+    hidden, aux, names = [], [], []
+    seen: set[int] = set()
+    for e in registered(model):
+        if id(e.direction) in seen:
+            continue
+        seen.add(id(e.direction))
+        mod_name = e.name.rsplit(".", 1)[0] if "." in e.name else ""
+        is_aux = isinstance(e.module, nn.Embedding) or (
+            head is not None
+            and (fnmatch.fnmatchcase(mod_name, head) or fnmatch.fnmatchcase(e.name, head))
+        )
+        if is_aux:
+            aux.append(e.direction)
+        else:
+            hidden.append(e.direction)
+            names.append(e.name)
+    return hidden, aux, names
+
+
+def _linear_decay(steps: int | None):
+    if steps is None:
+        return lambda step: 1.0
+    if steps < 1:
+        raise ValueError(
+            f"mdparam.recipe: steps must be >= 1 (or None for a constant LR), got {steps}"
+        )
+    return lambda step: max(0.0, 1.0 - step / steps)
+
+
+def recipe(
+    model: nn.Module,
+    optimizer: str = "muon",
+    *,
+    lr: float,
+    steps: int | None = None,
+    gain_lr: float = 3e-3,
+    other_lr: float = 3e-3,
+    relative_step: bool = True,
+    clip: float | None = 1.0,
+    clip_scope: str = "fused",
+    head: str | None = None,
+    head_mode: str = "plain",
+    embeddings: str = "plain",
+    radius_scale: Mapping[str, float] | None = None,
+    init: str = "sphere",
+    include: Any = None,
+    exclude: Any = None,
+    muon_options: Mapping[str, Any] | None = None,
+    adamw_options: Mapping[str, Any] | None = None,
+) -> Recipe:
+    """Register ``model`` with the paper's start and build its training step, in one call.
+
+    For training from scratch. A trained model (fine-tuning, ``load_plain``)
+    should keep its function instead: ``mdparam.register(model)`` and
+    :func:`mdparam.param_groups`.
+
+    Args:
+        model: an unregistered nn.Module; registered here, in place.
+        optimizer: ``"muon"`` (torch.optim.Muon on the hidden directions with
+            the paper's step, AdamW on the rest) or ``"adamw"`` (AdamW on
+            everything).
+        lr: the hidden directions' learning rate. With Muon, and with AdamW
+            when ``relative_step``, it is their relative step per step.
+        steps: the length of the run: the LR decays linearly to 0 over it,
+            with no warmup. None keeps every LR constant.
+        gain_lr: the raw gains' learning rate (AdamW).
+        other_lr: AdamW's learning rate for everything else (embeddings,
+            norms, biases, the head, and their directions when on a sphere).
+        relative_step: AdamW only: take the hidden directions' step at
+            length ``lr x R`` (see :class:`mdparam.Retraction`).
+        clip: gradient-norm limit, or None.
+        clip_scope: ``"fused"`` measures the norm on the fused weights'
+            gradients, as the authors do; ``"all"`` on directions and gains
+            (see :func:`mdparam.clip_grad_norm_`).
+        head: a glob naming the output layer (``"head"``, ``"lm_head"``); it
+            is never given to Muon. None: no layer is treated as the head.
+        head_mode: ``"plain"`` (left out of MD), ``"sphere"`` (unit row
+            sphere, no gains) or ``"sphere-gains"`` (unit rows with row and
+            column gains, one of the authors' setups).
+        embeddings: ``"plain"`` or ``"sphere"`` (every nn.Embedding on a unit
+            row sphere without gains, stepped by AdamW at ``other_lr``).
+        radius_scale: ``{glob on module names: factor}``, a smaller sphere for
+            some layers with their step scaled to match (the authors scale
+            residual output projections by 1/sqrt(2 * n_layers)).
+        init: ``"sphere"`` (the paper's start) or ``"preserve"``.
+        include, exclude: as in :func:`mdparam.register`.
+        muon_options, adamw_options: extra keyword arguments for the optimizers.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        >>> train = mdparam.recipe(model, "adamw", lr=0.02, steps=100)
+        >>> for _ in range(3):
+        ...     model(torch.randn(16, 8)).square().mean().backward()
+        ...     _ = train.step()  # clip, step, retract, schedule, zero grads
+        >>> [round(float(mdparam.registered(model)[i].direction.norm()), 3) for i in (0, 1)]
+        [5.657, 5.657]
+    """
+    _check("optimizer", optimizer, BASE_OPTIMIZERS)
+    _check("head_mode", head_mode, HEAD_MODES)
+    _check("embeddings", embeddings, EMBEDDING_MODES)
+    _check("clip_scope", clip_scope, CLIP_SCOPES)
+    if registered(model):
+        raise ValueError(
+            "mdparam.recipe registers the model itself, but it is already registered. Pass the "
+            "plain model, or keep your registration and build the optimizer with "
+            "mdparam.param_groups / mdparam.muon_optimizers"
+        )
+    kw = _register_options(embeddings, head, head_mode, radius_scale)
+    if exclude is not None and "exclude" in kw:
+        exclude = [exclude] if isinstance(exclude, str) else exclude
+        kw["exclude"] = [kw["exclude"], *exclude]
+    elif exclude is not None:
+        kw["exclude"] = exclude
+    names = register(model, init=init, include=include, **kw)
+    hidden, aux, hidden_names = _split_directions(model, head)
+    if not hidden:
+        raise ValueError(
+            "mdparam.recipe: every registered layer is an embedding or the head; nothing is "
+            "left for the hidden directions' optimizer. Check head= and include="
+        )
+    aux_ids = {id(p) for p in aux}
+    aux_group = [{"params": aux, "lr": other_lr, "weight_decay": 0.0, "mdparam_role": "direction"}]
+    if optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise RuntimeError("torch.optim.Muon needs torch >= 2.9; use optimizer='adamw'")
+        rest = param_groups(
+            model, lr=other_lr, gain_lr=gain_lr, other_weight_decay=0.0, roles=("gain", "other")
+        )
+        adamw = torch.optim.AdamW(aux_group[: bool(aux)] + rest, **(adamw_options or {}))
+        muon = torch.optim.Muon(muon_param_groups(model, lr, hidden), **(muon_options or {}))
+        optimizers = [adamw, muon]  # the retraction rides on the last one
+        relative: Any = False
+    else:
+        groups = param_groups(
+            model, lr=lr, gain_lr=gain_lr, other_lr=other_lr, other_weight_decay=0.0
+        )
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in aux_ids]
+        groups = [g for g in groups if g["params"]] + aux_group[: bool(aux)]
+        optimizers = [torch.optim.AdamW(groups, **(adamw_options or {}))]
+        hidden_set = set(hidden_names)
+        relative = (lambda n: n in hidden_set) if relative_step else False
+    retraction = Retraction(model, relative_step=relative)
+    retraction.attach(optimizers[-1])
+    decay = _linear_decay(steps)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in optimizers]
+    return Recipe(model, optimizers, schedulers, retraction, names, clip, clip_scope)
