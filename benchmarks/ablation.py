@@ -43,6 +43,21 @@ VARIANTS: dict[str, dict] = {  # label -> the knob changed from the recipe
     "embeddings + head: unit row sphere, head gains": {"embed_head": "sphere-gains"},
     "clipping: all parameters' gradients": {"clip_scope": "all"},
 }
+# The baselines get knobs of their own, tried the same way, so both sides are tuned.
+BASELINE_VARIANTS: dict[str, dict[str, dict]] = {
+    "muon": {
+        "weight decay 0": {"weight_decay": 0.0},
+        "weight decay 0.2": {"weight_decay": 0.2},
+        "AdamW LR (embeddings, head, norms) 1e-3": {"other_lr": 1e-3},
+        "AdamW LR (embeddings, head, norms) 1e-2": {"other_lr": 1e-2},
+    },
+    "adamw": {
+        "weight decay 0": {"weight_decay": 0.0},
+        "weight decay 0.2": {"weight_decay": 0.2},
+        "no warmup": {"warmup_frac": 0.0},
+        "warmup 10%": {"warmup_frac": 0.1},
+    },
+}
 SETTINGS = {"width": 128, "depth": 2, "heads": 4, "block": 128, "batch": 8, "steps": 500}
 
 
@@ -50,6 +65,11 @@ def jobs(seeds: int) -> list[dict]:
     out = []
     rows = [(m, label, LRS[m], knobs) for m in METHODS for label, knobs in VARIANTS.items()]
     rows += [(m, "baseline", lr, {}) for m, lr in BASELINES.items()]
+    rows += [
+        (m, label, BASELINES[m], knobs)
+        for m, variants in BASELINE_VARIANTS.items()
+        for label, knobs in variants.items()
+    ]
     for seed in range(seeds):
         for method, label, lr, knobs in rows:
             cfg = RunConfig(
@@ -107,6 +127,7 @@ def report(data: dict, out_dir: Path) -> str:
         for m, lr in BASELINES.items()
         if (m, "baseline") in s
     ]
+    lines += ["", baseline_table(s)]
     n = min(v["n"] for v in s.values())
     hours = data.get("wall_seconds", 0) / 3600
     text = (
@@ -125,6 +146,26 @@ def report(data: dict, out_dir: Path) -> str:
     insert_if_committed("ablation", text, out_dir)
     plot(s, out_dir / "ablation.png")
     return text
+
+
+def baseline_table(s: dict) -> str:
+    lines = [
+        "| baseline: change from its recipe | val loss (change) |",
+        "|---|---|",
+    ]
+    for m, variants in BASELINE_VARIANTS.items():
+        base = s.get((m, "baseline"))
+        if base is None:
+            continue
+        lines.append(f"| {m} (lr {BASELINES[m]}) | {base['mean']:.3f} ± {base['spread']:.3f} |")
+        for label in variants:
+            row = s.get((m, label))
+            if row is not None:
+                delta = row["mean"] - base["mean"]
+                lines.append(
+                    f"| {m}: {label} | {row['mean']:.3f} ± {row['spread']:.3f} ({delta:+.3f}) |"
+                )
+    return "\n".join(lines)
 
 
 def plot(s: dict, path: Path) -> None:

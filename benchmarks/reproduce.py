@@ -21,29 +21,28 @@ method and width) and reproduce_curves.png (loss curves at the best LRs).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from examples.training import METHODS, RunConfig  # noqa: E402
+from runs import RESULTS, ROOT, load, run_rounds, score
 
-RESULTS = ROOT / "benchmarks" / "results"
+from examples.training import METHODS, RunConfig
+
 CENTER = {  # middle of the first grid; the grid then follows the results
-    "adamw": 4e-3,
-    "md-adamw": 1.6e-2,
-    "md-adamw-relative": 2e-2,
-    "muon": 2e-2,
+    "adamw": 2e-3,
+    "md-adamw": 1e-3,
+    "md-adamw-relative": 4e-3,
+    "muon": 2.828e-2,
     "md-muon": 3e-2,
-    "sphere": 1.6e-2,
+    "sphere": 1e-3,
 }
+FIRST_GRID = range(-2, 3)
 MAX_POINTS = 15
 
 
@@ -56,62 +55,21 @@ def key(method: str, width: int, k: int, seed: int) -> str:
     return f"{method}|w{width}|k{k}|s{seed}"
 
 
-# --- worker ------------------------------------------------------------------------------
-
-_CORPUS = None
-
-
-def _init_worker() -> None:
-    global _CORPUS
-    import torch
-
-    torch.set_num_threads(1)
-    from examples.corpus import load_corpus
-
-    _CORPUS = load_corpus()
-
-
-def _run(job: dict) -> tuple[str, dict]:
-    from examples.training import train
-
-    cfg = RunConfig(**job["config"])
-    res = train(cfg, _CORPUS)
-    res.pop("_setup")
-    losses = res.pop("train_losses")
-    stride = max(1, len(losses) // 100)
-    res["curve"] = [
-        (i + 1, sum(losses[i : i + stride]) / len(losses[i : i + stride]))
-        for i in range(0, len(losses), stride)
-    ]
-    res["k"] = job["k"]
-    return job["key"], res
-
-
-# --- sweep -------------------------------------------------------------------------------
-
-
-def load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
-
-
-def save(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
-
-
-def runs_of(data: dict, method: str, width: int, seed: int | None = 0) -> dict[int, dict]:
+def runs_of(
+    data: dict, method: str, width: int, seed: int | None = 0, horizon: int = 1
+) -> dict[int, dict]:
+    """Grid index -> run, for one method, width, seed (None: any) and horizon."""
     out = {}
     for r in data["runs"].values():
         c = r["config"]
-        if c["method"] == method and c["width"] == width and (seed is None or c["seed"] == seed):
+        if (
+            c["method"] == method
+            and c["width"] == width
+            and (seed is None or c["seed"] == seed)
+            and r.get("horizon", 1) == horizon
+        ):
             out[r["k"]] = r
     return out
-
-
-def score(r: dict) -> float:
-    v = r["val_loss"]
-    return v if (v == v and not r["diverged"]) else math.inf  # NaN -> inf
 
 
 def best_k(data: dict, method: str, width: int) -> int | None:
@@ -127,7 +85,7 @@ def next_jobs(data: dict, args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         for width in args.widths:
             runs = runs_of(data, method, width)
-            ks: set[int] = set(range(-3, 4)) if not runs else set()
+            ks: set[int] = set(FIRST_GRID) if not runs else set()
             if runs:
                 best = best_k(data, method, width)
                 lo, hi = min(runs), max(runs)
@@ -141,10 +99,38 @@ def next_jobs(data: dict, args: argparse.Namespace) -> list[dict]:
                             jobs.append(job(method, width, best, seed, args))
             for k in sorted(ks - set(runs)):
                 jobs.append(job(method, width, k, 0, args))
+    return jobs + horizon_jobs(data, args)
+
+
+def horizon_jobs(data: dict, args: argparse.Namespace) -> list[dict]:
+    """The horizon check: each method's best LR at width 128, --horizon times the steps.
+
+    Runs once that method's grid at that width is settled (best LR interior, seeds done).
+    """
+    if args.horizon <= 1 or args.horizon_width not in args.widths:
+        return []
+    jobs = []
+    for method in args.methods:
+        best = settled_best(data, method, args.horizon_width, args.seeds)
+        if best is None:
+            continue
+        for seed in range(args.horizon_seeds):
+            jobs.append(job(method, args.horizon_width, best, seed, args, args.horizon))
     return jobs
 
 
-def job(method: str, width: int, k: int, seed: int, args: argparse.Namespace) -> dict:
+def settled_best(data: dict, method: str, width: int, seeds: int) -> int | None:
+    runs = runs_of(data, method, width)
+    best = best_k(data, method, width)
+    if best is None or not (min(runs) < best < max(runs)):
+        return None
+    done = all(best in runs_of(data, method, width, s) for s in range(1, seeds + 1))
+    return best if done else None
+
+
+def job(
+    method: str, width: int, k: int, seed: int, args: argparse.Namespace, horizon: int = 1
+) -> dict:
     cfg = RunConfig(
         method=method,
         width=width,
@@ -152,18 +138,23 @@ def job(method: str, width: int, k: int, seed: int, args: argparse.Namespace) ->
         heads=max(1, width // 32),
         block=args.block,
         batch=args.batch,
-        steps=args.steps,
+        steps=args.steps * horizon,
         lr=grid_lr(method, k),
-        gain_lr=args.gain_lr,
         other_lr=args.other_lr,
         seed=seed,
         compile=False,
         eval_batches=args.eval_batches,
         threads=1,
     )
-    from dataclasses import asdict
+    tag = key(method, width, k, seed) + (f"|h{horizon}" if horizon > 1 else "")
+    return {"key": tag, "k": k, "horizon": horizon, "config": asdict(cfg)}
 
-    return {"key": key(method, width, k, seed), "k": k, "config": asdict(cfg)}
+
+def recipe_settings() -> dict:
+    """The knobs every run shares, recorded so that a resumed sweep cannot mix recipes."""
+    cfg = RunConfig()
+    knobs = ("gain_lr", "init", "out_scale", "embed_head", "clip_scope", "clip")
+    return {**{k: getattr(cfg, k) for k in knobs}, "weight_decay": cfg.weight_decay}
 
 
 def sweep(args: argparse.Namespace, path: Path) -> None:
@@ -174,10 +165,10 @@ def sweep(args: argparse.Namespace, path: Path) -> None:
         "batch": args.batch,
         "block": args.block,
         "tokens_per_run": args.steps * args.batch * args.block,
-        "gain_lr": args.gain_lr,
         "other_lr": args.other_lr,
         "eval_batches": args.eval_batches,
         "grid_factor": "sqrt(2)",
+        "recipe": recipe_settings(),
     }
     if data["runs"] and data.get("settings") != settings:
         raise SystemExit(
@@ -185,36 +176,22 @@ def sweep(args: argparse.Namespace, path: Path) -> None:
             "pass --results NEW.json to start a separate sweep, or the same settings to resume"
         )
     data["settings"] = settings
-    started = time.time()
-    with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_worker) as pool:
-        while True:
-            jobs = [j for j in next_jobs(data, args) if j["key"] not in data["runs"]]
-            if not jobs:
-                break
-            print(
-                f"[sweep] {len(jobs)} runs in this round ({len(data['runs'])} done)",
-                file=sys.stderr,
-                flush=True,
-            )
-            futures = {pool.submit(_run, j): j for j in jobs}
-            for fut in as_completed(futures):
-                k, res = fut.result()
-                data["runs"][k] = res
-                save(path, data)
-                c = res["config"]
-                print(
-                    f"  {c['method']:>18} w{c['width']:<4} lr {c['lr']:<8.4g} seed {c['seed']}: "
-                    f"val {res['val_loss']:.4f}{' (diverged)' if res['diverged'] else ''} "
-                    f"[{res['seconds']:.0f}s]",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    data.setdefault("wall_seconds", 0.0)
-    data["wall_seconds"] += time.time() - started
-    save(path, data)
+    run_rounds(path, data, lambda d: next_jobs(d, args), args.workers)
 
 
 # --- report ------------------------------------------------------------------------------
+
+
+def seed_runs(data: dict, method: str, width: int, k: int, horizon: int = 1) -> list[dict]:
+    """Every seed's run at one grid point."""
+    return [
+        r
+        for r in data["runs"].values()
+        if r["config"]["method"] == method
+        and r["config"]["width"] == width
+        and r["k"] == k
+        and r.get("horizon", 1) == horizon
+    ]
 
 
 def summarize(data: dict) -> dict:
@@ -226,15 +203,11 @@ def summarize(data: dict) -> dict:
             b = best_k(data, m, w)
             if b is None:
                 continue
-            seeds = [
-                r
-                for r in data["runs"].values()
-                if r["config"]["method"] == m and r["config"]["width"] == w and r["k"] == b
-            ]
-            vals = [r["val_loss"] for r in seeds]
+            seeds = seed_runs(data, m, w, b)
+            vals = [score(r) for r in seeds]
             runs = runs_of(data, m, w)
             out[(m, w)] = {
-                "best_lr": grid_lr(m, b) if m in CENTER else seeds[0]["lr"],
+                "best_lr": seeds[0]["config"]["lr"],
                 "best_k": b,
                 "interior": min(runs) < b < max(runs),
                 "mean": statistics.mean(vals),
@@ -242,6 +215,69 @@ def summarize(data: dict) -> dict:
                 "n_seeds": len(vals),
             }
     return out
+
+
+PAIRS = (("md-muon", "muon"), ("md-adamw", "adamw"), ("md-adamw-relative", "adamw"))
+
+
+def gaps_table(s: dict, widths: list[int]) -> str:
+    pairs = [(a, b) for a, b in PAIRS if any((a, w) in s and (b, w) in s for w in widths)]
+    if not pairs:
+        return ""
+    lines = [
+        "| width | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
+    for w in widths:
+        cells = [
+            f"{s[(a, w)]['mean'] - s[(b, w)]['mean']:+.3f}" if (a, w) in s and (b, w) in s else "–"
+            for a, b in pairs
+        ]
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def horizon_table(data: dict, s: dict) -> str:
+    """Each method's best width-128 configuration at 1x and at the longer horizon."""
+    rows = []
+    for r in data["runs"].values():
+        h = r.get("horizon", 1)
+        if h > 1:
+            rows.append((r["config"]["method"], r["config"]["width"], r["k"], h))
+    if not rows:
+        return ""
+    h = max(x[3] for x in rows)
+    width = rows[0][1]
+    methods = sorted({x[0] for x in rows}, key=METHODS.index)
+    short, long_ = {}, {}
+    for m in methods:
+        if (m, width) not in s:
+            continue
+        k = s[(m, width)]["best_k"]
+        short[m] = [score(r) for r in seed_runs(data, m, width, k)]
+        long_[m] = [score(r) for r in seed_runs(data, m, width, k, h)]
+    steps = data.get("settings", {}).get("steps", 0)
+    rank = {
+        which: {m: i + 1 for i, m in enumerate(sorted(d, key=lambda m: statistics.mean(d[m])))}
+        for which, d in (("short", short), ("long", {m: v for m, v in long_.items() if v}))
+    }
+    lines = [
+        f"| method (width {width}, its best LR) | {steps} steps | rank | {steps * h} steps | rank |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        if m not in short:
+            continue
+        a, b = short[m], long_.get(m) or []
+        cell_b = (
+            f"{statistics.mean(b):.3f} ± {(max(b) - min(b)) / 2:.3f} ({len(b)} seeds)" if b else "–"
+        )
+        lines.append(
+            f"| {m} (lr {s[(m, width)]['best_lr']:.3g}) | {statistics.mean(a):.3f} ± "
+            f"{(max(a) - min(a)) / 2:.3f} ({len(a)} seeds) | {rank['short'][m]} | {cell_b} | "
+            f"{rank['long'].get(m, '–')} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def report(data: dict, out_dir: Path) -> str:
@@ -282,6 +318,14 @@ def report(data: dict, out_dir: Path) -> str:
         f"tokens per run, LR grid factor sqrt(2), one drift step = a factor sqrt(2). {n} runs, "
         f"{hours:.1f} h of wall time on this machine. Command: `./run python benchmarks/reproduce.py`.\n"
     )
+    gaps = gaps_table(s, widths)
+    if gaps:
+        text += (
+            "\nMD minus its baseline (negative: MD better), seed means at each best LR:\n\n" + gaps
+        )
+    horizon = horizon_table(data, s)
+    if horizon:
+        text += "\nHorizon check (each method's best LR at width 128, run longer):\n\n" + horizon
     (out_dir / "reproduce.md").write_text(text)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from readme import insert_if_committed
@@ -361,10 +405,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--gain-lr", type=float, default=1e-2)
     p.add_argument("--other-lr", type=float, default=3e-3)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--seeds", type=int, default=2, help="extra seeds at each best LR")
+    p.add_argument("--horizon", type=int, default=4, help="steps multiple of the horizon check")
+    p.add_argument("--horizon-width", type=int, default=128)
+    p.add_argument("--horizon-seeds", type=int, default=2)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--results", default=str(RESULTS / "reproduce.json"))
     p.add_argument("--report", action="store_true", help="only write the tables and plots")

@@ -1,11 +1,13 @@
-"""The checkpoint side: a training checkpoint file in, a plain checkpoint file out.
+"""The converter's entry point in a checkout of the repository: ``python -m export IN OUT``.
 
-    python -m export IN OUT [--dtype bfloat16] [--force]
-
-Works from the file alone (the header says how each tensor is parametrized);
-the model's class is never imported or built. See :func:`export.convert.convert`.
+The code lives in :mod:`mdparam.convert` (installed with mdparam, as the
+``mdparam-export`` command and ``python -m mdparam.convert``). This folder is
+not installed: it only keeps ``python -m export`` and ``import export``
+working from the repository's root.
 """
 
-from .convert import convert
+# Through the submodule first, so that ``export.convert`` ends up naming the
+# function (as it always did), not the submodule export/convert.py.
+from .convert import convert, main
 
-__all__ = ["convert"]
+__all__ = ["convert", "main"]

@@ -1,3 +1,3 @@
-from .convert import main
+from mdparam.convert import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m export"))

@@ -1,7 +1,7 @@
 """Which layer kinds mdparam can decouple: the tensor(s) of each, their layout, their defaults.
 
 An adapter maps a module type to the tensors it decouples and the layout of
-each (see :mod:`mdparam.views`), plus options that suit that kind of layer.
+each (see :mod:`mdparam.layouts`), plus options that suit that kind of layer.
 Built in:
 
 ==============================  ===============================  ==========================
@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .views import LAYOUTS
+from .layouts import layout_of
+from .options import OPTION_NAMES, Options
 
 __all__ = ["Adapter", "adapter_for", "register_adapter"]
-
-_OPTIONS = ("gains", "sphere", "radius", "radius_scale", "gain_map", "init")
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Adapter:
     """The tensors of one layer kind, ``((tensor_name, layout), ...)``, and its default options."""
 
     tensors: tuple[tuple[str, str], ...]
-    defaults: Mapping[str, object] = field(default_factory=dict)
+    defaults: Options = field(default_factory=Options)
 
 
 _BY_TYPE: dict[type, Adapter] = {}
@@ -59,14 +58,16 @@ def _make(
             "an adapter needs at least one (tensor name, layout) pair, e.g. {'weight': 'linear'}"
         )
     for name, layout in pairs:
-        if not isinstance(name, str) or layout not in LAYOUTS:
+        if not isinstance(name, str) or layout not in layout_of:
             raise ValueError(
-                f"adapter tensor {name!r}: layout must be one of {LAYOUTS}, got {layout!r}"
+                f"adapter tensor {name!r}: layout must be one of {layout_of.names}, got {layout!r}"
             )
-    unknown = [k for k in defaults if k not in _OPTIONS]
+    unknown = [k for k in defaults if k not in OPTION_NAMES]
     if unknown:
-        raise ValueError(f"unknown adapter defaults {unknown}; choose from {_OPTIONS}")
-    return Adapter(pairs, dict(defaults))
+        raise ValueError(f"unknown adapter defaults {unknown}; choose from {OPTION_NAMES}")
+    options = Options(**defaults)
+    options.check_values()
+    return Adapter(pairs, options)
 
 
 def register_adapter(
@@ -82,8 +83,8 @@ def register_adapter(
         tensors: ``{tensor_name: layout}``; layouts are ``"linear"`` (out, in),
             ``"transposed"`` (in, out), ``"flatten_in"`` (out, in, *kernel),
             ``"batched"`` (*batch, out, in).
-        **defaults: register options for this kind (``gains``, ``sphere``,
-            ``radius``, ``gain_map``, ``init``), used unless the call to
+        **defaults: register options for this kind (fields of
+            :class:`mdparam.Options`), used unless the call to
             :func:`mdparam.register` sets them.
 
     Example:

@@ -7,7 +7,7 @@
   registered model, which then computes what the plain weights compute.
 - :func:`save_training` / :func:`load_training`: the registered model's own
   state (directions, raw gains, the rest), with each parametrized tensor's
-  configuration in the header, so ``python -m export`` can fuse the file
+  configuration in the header, so ``mdparam-export`` can fuse the file
   without the model.
 
 Fused weights are built from the state dict (never by removing
@@ -34,7 +34,6 @@ from .checkpoint_format import (
     training_metadata,
 )
 from .distributed import any_rank, is_sharded
-from .register import registered
 from .safetensors_io import (
     CheckpointReader,
     atomic_path,
@@ -42,6 +41,7 @@ from .safetensors_io import (
     write_file,
     write_sharded,
 )
+from .tree import clean_key, full_tensor, registered, unwrap
 
 __all__ = [
     "load_plain",
@@ -50,30 +50,6 @@ __all__ = [
     "save_plain",
     "save_training",
 ]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside torch.compile / DDP / DataParallel wrappers."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    while True:
-        if isinstance(model, OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def _clean(key: str) -> str:
-    """A state key without torch.compile's ``_orig_mod`` segments (per-block compile)."""
-    return ".".join(p for p in key.split(".") if p != "_orig_mod")
-
-
-def _full(t: Tensor) -> Tensor:
-    """A whole local tensor: DTensor shards are gathered (a collective on every rank)."""
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else t
 
 
 @dataclass
@@ -89,11 +65,11 @@ class _State:
 
     def get(self, key: str) -> Tensor:
         self.reads += 1
-        return _full(self.tensors[key].detach())
+        return full_tensor(self.tensors[key].detach())
 
 
 def _state(model: nn.Module, what: str, loading: bool = False) -> _State:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     entries = registered(inner)
     if not entries:
         raise ValueError(
@@ -102,15 +78,15 @@ def _state(model: nn.Module, what: str, loading: bool = False) -> _State:
             "safetensors.torch.save_model directly)"
         )
     live = inner.state_dict(keep_vars=True)
-    tensors = {_clean(k): v for k, v in live.items()}
+    tensors = {clean_key(k): v for k, v in live.items()}
     specs: dict[str, FusedSpec] = {}
     by_name: dict[str, list] = {}
     for e in entries:
         prefix = e.name[: -len(e.tensor_name)]
         base = f"{prefix}parametrizations.{e.tensor_name}."
-        originals = tuple(_clean(f"{base}original{i}") for i in range(len(e.config.roles)))
-        radius = _clean(f"{base}0.radius") if e.parametrization.radius is not None else None
-        name = _clean(e.name)
+        originals = tuple(clean_key(f"{base}original{i}") for i in range(len(e.config.roles)))
+        radius = clean_key(f"{base}0.radius") if e.parametrization.radius is not None else None
+        name = clean_key(e.name)
         specs[name] = FusedSpec(name, e.config, originals, radius)
         by_name.setdefault(name, []).append(e)
     if loading and any(is_sharded(t) for t in tensors.values()):
@@ -239,7 +215,7 @@ def save_training(
 ) -> Path:
     """Write the registered model's own state, with each tensor's MD configuration.
 
-    ``python -m export`` turns the file into a plain checkpoint without the
+    ``mdparam-export IN OUT`` turns the file into a plain checkpoint without the
     model; :func:`load_training` resumes from it exactly. With
     ``max_shard_bytes``, ``path`` is a directory of shards with a
     ``model.safetensors.index.json``. The optimizer's state is not included:

@@ -121,7 +121,7 @@ def check_kind(meta: Mapping[str, str], expected: str, source: str) -> None:
         raise ValueError(
             f"{source} is an mdparam training checkpoint (directions and gains, "
             "mdparam.kind='training'), not a plain one. Resume with "
-            "mdparam.load_training(model, path), or fuse it first: python -m export IN OUT"
+            "mdparam.load_training(model, path), or fuse it first: mdparam-export IN OUT"
         )
     raise ValueError(
         f"{source} has unknown mdparam.kind {kind!r}; expected {expected!r}. It was written by "

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import is_sharded
+from .layouts import to_matrix
 from .parametrization import gain_magnitudes
-from .register import Registered, registered, unique_directions
-from .views import to_matrix
+from .tree import Registered, registered, unique_directions
 
 __all__ = ["CLIP_SCOPES", "clip_grad_norm_", "fused_grad_norm"]
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .layouts import matrix_dim, to_matrix
 from .sphere import sphere_dims, sphere_norm
-from .views import matrix_dim, to_matrix
 
 __all__ = ["is_sharded", "local_radius", "norms_are_global", "reduce_plan", "sharded_norms"]
 

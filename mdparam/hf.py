@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import _unwrap, save_plain
+from .checkpoint import save_plain
+from .tree import unwrap
 
 __all__ = ["save_pretrained"]
 
@@ -34,7 +35,7 @@ def save_pretrained(
         mdparam.save_pretrained(model, "out/")
         plain = AutoModelForCausalLM.from_pretrained("out/")
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise TypeError(

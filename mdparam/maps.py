@@ -3,7 +3,8 @@
 A gain map turns an unconstrained raw gain into the magnitude that scales a
 row or a column of the direction. ``softplus`` is the authors' choice (always
 positive, linear for large values); ``exp`` is positive and multiplicative;
-``identity`` lets a gain change sign.
+``identity`` lets a gain change sign. Each is a :class:`GainMap`; the
+functions below take a map's name or object.
 """
 
 from __future__ import annotations
@@ -12,36 +13,98 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GAIN_MAPS", "apply_gain_map", "invert_gain_map"]
+from .kinds import Kinds
 
-GAIN_MAPS = ("softplus", "identity", "exp")
+__all__ = ["GAIN_MAPS", "GainMap", "apply_gain_map", "gain_map_of", "invert_gain_map"]
 
 # torch's softplus returns x itself above this threshold; the inverse mirrors it
 # so that phi(phi^-1(y)) == y to rounding for every y.
 _SOFTPLUS_THRESHOLD = 20.0
 
 
-def _phi(raw: Tensor, gain_map: str) -> Tensor:
-    if gain_map == "softplus":
+class GainMap:
+    """phi and its inverse. :meth:`__call__` is phi inside autograd and torch.compile."""
+
+    name = ""
+    opaque = True  # under torch.compile, run as one opaque op (see _gain_map_op)
+
+    def phi(self, raw: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def phi_backward(self, raw: Tensor, grad: Tensor) -> Tensor:
+        """grad * phi'(raw)."""
+        raise NotImplementedError
+
+    def inverse(self, value: Tensor) -> Tensor:
+        """phi^-1(value): the raw gain whose magnitude is ``value``."""
+        raise NotImplementedError
+
+    def __call__(self, raw: Tensor) -> Tensor:
+        if self.opaque and torch.compiler.is_compiling():
+            return _gain_map_op(raw, self.name)
+        return self.phi(raw)
+
+    def __repr__(self) -> str:
+        return f"GainMap({self.name!r})"
+
+
+class SoftplusMap(GainMap):
+    name = "softplus"
+
+    def phi(self, raw: Tensor) -> Tensor:
         return F.softplus(raw)
-    if gain_map == "exp":
-        return torch.exp(raw)
-    raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")
 
-
-def _phi_grad(raw: Tensor, grad: Tensor, gain_map: str) -> Tensor:
-    if gain_map == "softplus":  # torch's own: sigmoid, 1 above the threshold
+    def phi_backward(self, raw: Tensor, grad: Tensor) -> Tensor:
+        # torch's own: sigmoid, 1 above the threshold
         return torch.ops.aten.softplus_backward(grad, raw, 1.0, _SOFTPLUS_THRESHOLD)
-    return grad * torch.exp(raw)
+
+    def inverse(self, value: Tensor) -> Tensor:
+        # softplus^-1(y) = y + log(-expm1(-y)): neither overflows for large y nor
+        # loses digits for small y. ``value`` must be positive.
+        inverse = value + torch.log(-torch.expm1(-value))
+        return torch.where(value > _SOFTPLUS_THRESHOLD, value, inverse)
+
+
+class ExpMap(GainMap):
+    name = "exp"
+
+    def phi(self, raw: Tensor) -> Tensor:
+        return torch.exp(raw)
+
+    def phi_backward(self, raw: Tensor, grad: Tensor) -> Tensor:
+        return grad * torch.exp(raw)
+
+    def inverse(self, value: Tensor) -> Tensor:
+        return torch.log(value)
+
+
+class IdentityMap(GainMap):
+    name = "identity"
+    opaque = False
+
+    def phi(self, raw: Tensor) -> Tensor:
+        return raw
+
+    def phi_backward(self, raw: Tensor, grad: Tensor) -> Tensor:
+        return grad
+
+    def inverse(self, value: Tensor) -> Tensor:
+        return value.clone()
+
+
+gain_map_of: Kinds[GainMap] = Kinds("gain_map", GainMap)
+for _cls in (SoftplusMap, IdentityMap, ExpMap):
+    gain_map_of.add(_cls())
+GAIN_MAPS = gain_map_of.names
 
 
 # Under torch.compile the gain maps run as opaque ops. Gains are vectors, so
 # eager kernels cost microseconds, while inductor's vectorised exp/log1p code
-# for every layer's softplus and its backward added about a third to the cold
-# compile time of the benchmark GPT (benchmarks/speed.py, "cold compile").
+# for every layer's softplus and its backward adds much to the cold compile
+# time of a model (benchmarks/speed.py, "cold compile").
 @torch.library.custom_op("mdparam::gain_map", mutates_args=())
 def _gain_map_op(raw: Tensor, gain_map: str) -> Tensor:
-    return _phi(raw, gain_map)
+    return gain_map_of(gain_map).phi(raw)
 
 
 @_gain_map_op.register_fake
@@ -51,7 +114,7 @@ def _(raw: Tensor, gain_map: str) -> Tensor:
 
 @torch.library.custom_op("mdparam::gain_map_backward", mutates_args=())
 def _gain_map_backward_op(raw: Tensor, grad: Tensor, gain_map: str) -> Tensor:
-    return _phi_grad(raw, grad, gain_map)
+    return gain_map_of(gain_map).phi_backward(raw, grad)
 
 
 @_gain_map_backward_op.register_fake
@@ -72,29 +135,11 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
 _gain_map_op.register_autograd(_backward, setup_context=_setup)
 
 
-def apply_gain_map(raw: Tensor, gain_map: str) -> Tensor:
+def apply_gain_map(raw: Tensor, gain_map: str | GainMap) -> Tensor:
     """phi(raw): the positive magnitude a raw gain stands for."""
-    if gain_map == "identity":
-        return raw
-    if gain_map not in GAIN_MAPS:
-        raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")
-    if torch.compiler.is_compiling():
-        return _gain_map_op(raw, gain_map)
-    return _phi(raw, gain_map)
+    return gain_map_of(gain_map)(raw)
 
 
-def invert_gain_map(value: Tensor, gain_map: str) -> Tensor:
-    """phi^-1(value): the raw gain whose magnitude is ``value``.
-
-    ``value`` must be positive for softplus and exp. Computed stably:
-    softplus^-1(y) = y + log(-expm1(-y)), which neither overflows for large y
-    nor loses digits for small y.
-    """
-    if gain_map == "softplus":
-        inverse = value + torch.log(-torch.expm1(-value))
-        return torch.where(value > _SOFTPLUS_THRESHOLD, value, inverse)
-    if gain_map == "exp":
-        return torch.log(value)
-    if gain_map == "identity":
-        return value.clone()
-    raise ValueError(f"unknown gain_map {gain_map!r}; choose one of {GAIN_MAPS}")
+def invert_gain_map(value: Tensor, gain_map: str | GainMap) -> Tensor:
+    """phi^-1(value): the raw gain whose magnitude is ``value`` (positive for softplus, exp)."""
+    return gain_map_of(gain_map).inverse(value)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .register import registered
+from .tree import registered
 
 __all__ = ["ROLES", "muon_optimizers", "muon_param_groups", "param_groups", "split_params"]
 

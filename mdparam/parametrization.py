@@ -8,18 +8,21 @@ file-to-file converter all call it.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .maps import GAIN_MAPS, apply_gain_map, invert_gain_map
-from .sphere import SPHERES, sphere_norm
-from .views import LAYOUTS, from_matrix, matrix_shape, to_matrix
+from .gains import GAINS, GainKind, gain_kind_of, gain_roles
+from .layouts import Layout, layout_of
+from .maps import GainMap, gain_map_of
+from .sphere import Sphere, sphere_of
 
 __all__ = [
     "GAINS",
+    "Geometry",
     "MDConfig",
     "MagnitudeDirection",
     "fuse",
@@ -27,30 +30,18 @@ __all__ = [
     "gain_roles",
 ]
 
-GAINS = ("rowcol", "row", "col", "scalar", "none")
-
 # What right_inverse tolerates as "the gains absorbed the norm" (relative).
 _PRESERVE_TOL = 1e-4
 
 
-def gain_roles(gains: str) -> tuple[str, ...]:
-    """Names of the raw gain tensors a ``gains`` layout has, in storage order."""
-    roles = {
-        "rowcol": ("row_gain", "col_gain"),
-        "row": ("row_gain",),
-        "col": ("col_gain",),
-        "scalar": ("scalar_gain",),
-        "none": (),
-    }
-    if gains not in roles:
-        raise ValueError(f"unknown gains {gains!r}; choose one of {GAINS}")
-    return roles[gains]
+@dataclass(frozen=True)
+class Geometry:
+    """The objects an :class:`MDConfig`'s names stand for, resolved once."""
 
-
-def _gain_shape(role: str, mshape: tuple[int, ...]) -> tuple[int, ...]:
-    *batch, d_out, d_in = mshape
-    size = {"row_gain": d_out, "col_gain": d_in, "scalar_gain": 1}[role]
-    return (*batch, size)
+    sphere: Sphere
+    gains: GainKind
+    gain_map: GainMap
+    layout: Layout
 
 
 @dataclass(frozen=True)
@@ -67,32 +58,39 @@ class MDConfig:
     layout: str
     shape: tuple[int, ...]
     radius: float | None
+    geometry: Geometry = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        gain_roles(self.gains)
-        if self.sphere not in SPHERES:
-            raise ValueError(f"unknown sphere {self.sphere!r}; choose one of {SPHERES}")
-        if self.gain_map not in GAIN_MAPS:
-            raise ValueError(f"unknown gain_map {self.gain_map!r}; choose one of {GAIN_MAPS}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; choose one of {LAYOUTS}")
+        geometry = Geometry(
+            sphere_of(self.sphere),
+            gain_kind_of(self.gains),
+            gain_map_of(self.gain_map),
+            layout_of(self.layout),
+        )
+        object.__setattr__(self, "geometry", geometry)
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        matrix_shape(self.shape, self.layout)
+        geometry.layout.matrix_shape(self.shape)
 
     @property
     def roles(self) -> tuple[str, ...]:
         """Roles of the originals, in order: the direction, then the raw gains."""
-        return ("direction", *gain_roles(self.gains))
+        return ("direction", *self.geometry.gains.roles)
 
     @property
     def matrix_shape(self) -> tuple[int, ...]:
-        return matrix_shape(self.shape, self.layout)
+        return self.geometry.layout.matrix_shape(self.shape)
 
     def gain_shape(self, role: str) -> tuple[int, ...]:
-        return _gain_shape(role, self.matrix_shape)
+        return self.geometry.gains.shape(role, self.matrix_shape)
+
+    def to_dict(self) -> dict:
+        """The names, for a checkpoint header (``geometry`` is derived from them)."""
+        d = asdict(self)
+        d.pop("geometry")
+        return d
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> MDConfig:
@@ -108,32 +106,26 @@ class MDConfig:
 
 def gain_magnitudes(raw_gains: tuple[Tensor, ...], config: MDConfig) -> tuple[Tensor, ...]:
     """phi of each raw gain, shaped to broadcast against the matrix view, row factor first."""
-    return _magnitudes(tuple(raw_gains), config.gains, config.gain_map)
-
-
-def _magnitudes(raw_gains: tuple[Tensor, ...], gains: str, gain_map: str) -> tuple[Tensor, ...]:
-    """Gain magnitudes shaped to broadcast against the matrix, row factor first."""
-    if gains == "none":
-        return ()
-    if gains == "rowcol":
-        row, col = raw_gains
-        return apply_gain_map(row, gain_map).unsqueeze(-1), apply_gain_map(col, gain_map).unsqueeze(
-            -2
-        )
-    (raw,) = raw_gains
-    mag = apply_gain_map(raw, gain_map)
-    # col: (.., 1, d_in); row: (.., d_out, 1); scalar: (.., 1, 1)
-    return (mag.unsqueeze(-2),) if gains == "col" else (mag.unsqueeze(-1),)
+    g = config.geometry
+    return g.gains.magnitudes(tuple(raw_gains), g.gain_map)
 
 
 def fuse(
-    direction: Tensor, raw_gains: tuple[Tensor, ...], config: MDConfig, *, inplace: bool = False
+    direction: Tensor,
+    raw_gains: tuple[Tensor, ...],
+    config: MDConfig,
+    *,
+    inplace: bool = False,
+    opaque: bool = False,
 ) -> Tensor:
     """W = diag(phi(r)) . D . diag(phi(c)) in the tensor's stored layout.
 
     ``direction`` has the stored shape; ``raw_gains`` are in the order of
     ``config.roles[1:]``. ``inplace=True`` writes the result into
-    ``direction`` (outside autograd, to save memory).
+    ``direction`` (outside autograd, to save memory). ``opaque=True`` makes
+    the row-and-column scaling one opaque op under torch.compile, with eager
+    kernels, instead of operations inductor fuses: faster cold compiles,
+    usually slower steps (``register(fuse="opaque")``).
 
     Example:
         >>> import torch
@@ -143,20 +135,21 @@ def fuse(
         tensor([[1., 1., 3.],
                 [2., 2., 6.]])
     """
-    matrix = to_matrix(direction, config.layout)
-    mags = _magnitudes(tuple(raw_gains), config.gains, config.gain_map)
+    layout = config.geometry.layout
+    matrix = layout.to_matrix(direction)
+    mags = gain_magnitudes(raw_gains, config)
     if len(mags) == 2 and not inplace:
         if torch.compiler.is_compiling():
-            if _OPAQUE_FUSE:
-                return from_matrix(_scale_rows_cols_op(matrix, *mags), config.layout, config.shape)
+            if opaque:
+                return layout.from_matrix(_scale_rows_cols_op(matrix, *mags), config.shape)
         elif torch.is_grad_enabled():
-            return from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.layout, config.shape)
+            return layout.from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.shape)
         else:  # export, evaluation: one new tensor, scaled in place
-            return from_matrix(_scale_rows_cols(matrix, *mags), config.layout, config.shape)
+            return layout.from_matrix(_scale_rows_cols(matrix, *mags), config.shape)
     for mag in mags:
         # Elementwise products round the same in place or not: every path agrees bitwise.
         matrix = matrix.mul_(mag) if inplace else matrix * mag
-    return from_matrix(matrix, config.layout, config.shape)
+    return layout.from_matrix(matrix, config.shape)
 
 
 def _scale_rows_cols(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -214,13 +207,9 @@ class _ScaleRowsCols(torch.autograd.Function):
 
 
 # Under torch.compile the fuse is normally traced, and inductor fuses its products
-# and reductions with their neighbours. MDPARAM_OPAQUE_FUSE=1 (read at import) runs
-# it as an opaque op instead, with the eager kernels: measured on the benchmark GPT,
-# cold compiles get faster and steps slower (benchmarks/speed.py, "compile" and
-# "step" sections). For jobs that compile often and train briefly.
-_OPAQUE_FUSE = os.environ.get("MDPARAM_OPAQUE_FUSE", "0") == "1"
-
-
+# and reductions with their neighbours. fuse(opaque=True) runs it as an opaque op
+# instead, with the eager kernels (register(fuse="opaque")): for jobs that compile
+# often and train briefly (benchmarks/speed.py, "compile" and "step" sections).
 @torch.library.custom_op("mdparam::scale_rows_cols", mutates_args=())
 def _scale_rows_cols_op(d: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return _scale_rows_cols(d, a, b)
@@ -255,47 +244,6 @@ def _scale_backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 _scale_rows_cols_op.register_autograd(_scale_backward, setup_context=_ScaleRowsCols.setup_context)
 
 
-def _absorb(
-    scale: Tensor, gains: str, sphere: str, mshape: tuple[int, ...]
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Split the per-unit ``scale`` removed by the sphere into gain magnitudes.
-
-    Returns the magnitudes per gain role and what the gains could not take
-    (ones when everything was absorbed).
-    """
-    *batch, d_out, d_in = mshape
-    ones = torch.ones((), dtype=scale.dtype, device=scale.device)
-    roles = gain_roles(gains)
-    mags: dict[str, Tensor] = {r: ones.expand(_gain_shape(r, mshape)) for r in roles}
-    if sphere == "flat":  # scale: (*batch, 1, 1)
-        s = scale.squeeze(-1)  # (*batch, 1)
-        if gains == "rowcol":
-            mags["row_gain"] = s.sqrt().expand(*batch, d_out)
-            mags["col_gain"] = s.sqrt().expand(*batch, d_in)
-        elif gains in ("row", "col", "scalar"):
-            mags[roles[0]] = s.expand(_gain_shape(roles[0], mshape))
-        else:
-            return mags, scale
-    elif sphere == "row" and gains in ("rowcol", "row"):  # scale: (*batch, d_out, 1)
-        mags["row_gain"] = scale.squeeze(-1)
-    elif sphere == "col" and gains in ("rowcol", "col"):  # scale: (*batch, 1, d_in)
-        mags["col_gain"] = scale.squeeze(-2)
-    else:
-        return mags, scale
-    return mags, ones.expand_as(scale)
-
-
-def can_absorb(gains: str, sphere: str) -> bool:
-    """Whether ``gains`` can take up any norm the ``sphere`` removes."""
-    if gains == "none":
-        return False
-    if sphere == "flat":
-        return True
-    if sphere == "row":
-        return gains in ("rowcol", "row")
-    return gains in ("rowcol", "col")
-
-
 class MagnitudeDirection(nn.Module):
     """Parametrization W = diag(phi(r)) . D . diag(phi(c)) for ``parametrize``.
 
@@ -326,36 +274,51 @@ class MagnitudeDirection(nn.Module):
         if (config.radius is None) != (radius is not None):
             raise ValueError("give a radius tensor exactly when config.radius is None")
         self.config = config
-        # register() sets this while it registers with init="sphere" (and
-        # reinitialize() for such layers): right_inverse then returns the projected
-        # weight and neutral gains instead of absorbing the norm.
-        self.start_on_sphere = False
         self.init = "preserve"  # the init option the layer was registered with
         # register()'s radius_scale: the optimizer helpers scale this direction's LR by it.
         self.radius_scale = 1.0
+        self.opaque_fuse = False  # register(fuse="opaque"): see fuse()
+        self._assigning = "preserve"  # how right_inverse splits a weight; see assigning()
         if radius is not None:
             self.register_buffer("radius", radius)
         else:
             self.radius = None
+
+    @contextmanager
+    def assigning(self, init: str) -> Iterator[None]:
+        """Within the block, weights assigned through the parametrization split as ``init`` says.
+
+        ``"preserve"`` (what any assignment does outside this block, e.g.
+        ``load_plain``): the gains take up the norm the sphere removes, so the
+        fused weight equals the one assigned. ``"sphere"`` (the paper's start):
+        D is the projected weight and every phi(gain) = 1.
+        """
+        if init not in ("preserve", "sphere"):
+            raise ValueError(f"unknown init {init!r}; choose one of ('preserve', 'sphere')")
+        before, self._assigning = self._assigning, init
+        try:
+            yield
+        finally:
+            self._assigning = before
 
     def sphere_radius(self) -> float | Tensor:
         """Radius of each unit of the sphere: a float, or a broadcastable tensor."""
         return self.config.radius if self.radius is None else self.radius
 
     def forward(self, direction: Tensor, *raw_gains: Tensor) -> Tensor:
-        return fuse(direction, raw_gains, self.config)
+        return fuse(direction, raw_gains, self.config, opaque=self.opaque_fuse)
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
-        cfg = self.config
+        cfg, g = self.config, self.config.geometry
         if tuple(weight.shape) != cfg.shape:
             raise ValueError(f"expected a weight of shape {cfg.shape}, got {tuple(weight.shape)}")
         work_dtype = torch.float32 if weight.device.type == "mps" else torch.float64
-        matrix = to_matrix(weight.detach(), cfg.layout).to(work_dtype)
+        matrix = g.layout.to_matrix(weight.detach()).to(work_dtype)
         radius = self.sphere_radius()
         if isinstance(radius, Tensor):
             radius = radius.to(work_dtype)
-        norms = sphere_norm(matrix, cfg.sphere)
+        norms = g.sphere.norm(matrix)
         if not matrix.is_meta and not bool(torch.all(torch.isfinite(norms) & (norms > 0))):
             raise ValueError(
                 f"the weight has a {'matrix' if cfg.sphere == 'flat' else cfg.sphere} of norm "
@@ -363,9 +326,8 @@ class MagnitudeDirection(nn.Module):
                 "it to non-zero values first, or leave the layer out with exclude="
             )
         scale = norms / radius
-        direction = matrix / scale
-        mags, leftover = _absorb(scale, cfg.gains, cfg.sphere, cfg.matrix_shape)
-        if self.start_on_sphere:
+        mags, leftover = g.sphere.absorb(scale, g.gains, cfg.matrix_shape)
+        if self._assigning == "sphere":
             mags = {role: torch.ones_like(m) for role, m in mags.items()}
         elif not matrix.is_meta:
             err = float((leftover - 1).abs().max())
@@ -373,17 +335,12 @@ class MagnitudeDirection(nn.Module):
                 raise ValueError(
                     f"gains={cfg.gains!r} cannot take up the norm that the {cfg.sphere!r} "
                     f"sphere removes from this weight (off by {err:.2e} relative), so the "
-                    "fused weight would not equal it. Register with gains that cover the "
-                    "sphere's units (flat: any but 'none'; row: 'rowcol' or 'row'; col: "
-                    "'rowcol' or 'col'); at registration, radius='init' (D keeps the "
-                    "weight's own norm) or init='sphere' (start from the projected weight) "
-                    "also avoid this"
+                    f"fused weight would not equal it. {absorb_hint(g.sphere)}"
                 )
-        dtype, device = weight.dtype, weight.device
-        originals = [from_matrix(direction, cfg.layout, cfg.shape).to(dtype)]
+        originals = [g.layout.from_matrix(matrix / scale, cfg.shape).to(weight.dtype)]
         for role in cfg.roles[1:]:
-            originals.append(invert_gain_map(mags[role], cfg.gain_map).to(dtype).contiguous())
-        return tuple(t.to(device).contiguous() for t in originals)
+            originals.append(g.gain_map.inverse(mags[role]).to(weight.dtype))
+        return tuple(t.to(weight.device).contiguous() for t in originals)
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -392,3 +349,13 @@ class MagnitudeDirection(nn.Module):
             f"gains={cfg.gains}, sphere={cfg.sphere}, radius={radius}, "
             f"gain_map={cfg.gain_map}, layout={cfg.layout}"
         )
+
+
+def absorb_hint(sphere: Sphere) -> str:
+    """What to do when the gains cannot take up what ``sphere`` removes (for error messages)."""
+    return (
+        f"Use gains that cover the {sphere.name!r} sphere's units "
+        f"({', '.join(map(repr, sphere.absorbing_gains()))}), radius='init' (D keeps the "
+        "weight's own norm), or init='sphere' (the paper's start: the projected weight, "
+        "gains 1)"
+    )

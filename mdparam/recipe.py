@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from .clipping import CLIP_SCOPES, clip_grad_norm_
 from .optim import muon_param_groups, param_groups
-from .register import register, registered
+from .register import register
 from .retraction import Retraction
+from .tree import registered
 
 __all__ = ["BASE_OPTIMIZERS", "EMBEDDING_MODES", "HEAD_MODES", "Recipe", "recipe"]
 

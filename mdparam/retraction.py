@@ -18,9 +18,9 @@ from .distributed import (
     reduce_plan,
     sharded_norms,
 )
-from .register import registered, unique_directions
+from .layouts import to_matrix, write_back
 from .sphere import sphere_norm
-from .views import to_matrix, write_back
+from .tree import registered, unique_directions
 
 __all__ = ["Retraction", "RetractionError", "retract_"]
 

@@ -12,15 +12,25 @@ Files written here load with ``safetensors.torch.load_file``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import re
+import shutil
+import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, so no temporary is ever judged stale
+    fcntl = None
 
 import torch
 from torch import Tensor
@@ -36,6 +46,7 @@ __all__ = [
     "pack_shards",
     "read_header",
     "read_tensor",
+    "remove_stale_temporaries",
     "write_file",
     "write_sharded",
 ]
@@ -58,6 +69,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 1 << 20
+STALE_AFTER = 10.0  # seconds; see remove_stale_temporaries
 
 
 class SafetensorsFormatError(ValueError):
@@ -165,6 +177,116 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
     return path
 
 
+def _temporary_name(target: str) -> re.Pattern[str]:
+    """The names ``tempfile.mkstemp``/``mkdtemp`` give a temporary of ``target`` here.
+
+    ``.{target}.`` + 8 random characters + ``.tmp``; the random part has no
+    dot, so a name matches the temporaries of one target only.
+    """
+    return re.compile(re.escape(f".{target}.") + r"[a-z0-9_]{8}\.tmp")
+
+
+@contextlib.contextmanager
+def _held(tmp: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on a temporary (file or directory) while it is written.
+
+    The lock lives on its own open file, so it lasts until this block ends,
+    across the rename, whatever happens to the writer's handle; the kernel
+    drops it when the process dies, SIGKILL included. Where locks are not
+    available (no ``fcntl``, or a file system without ``flock``) the write
+    goes ahead unlocked: such a file system fails the cleaner's lock too, so
+    nothing there is ever judged stale.
+    """
+    fd = None
+    try:
+        if fcntl is not None:
+            fd = os.open(tmp, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_if_stale(tmp: Path, min_age: float) -> bool:
+    """Delete ``tmp`` if no writer holds its lock and it is ``min_age`` seconds old."""
+    try:  # O_NOFOLLOW: a symlink is nobody's temporary; O_NONBLOCK: a FIFO does not hang
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a live writer holds it
+        st = os.fstat(fd)
+        if time.time() - st.st_mtime < min_age:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(tmp)
+        elif stat.S_ISREG(st.st_mode):
+            tmp.unlink()
+        else:
+            return False
+        return True
+    except OSError:  # locked, vanished, not ours to delete: leave it
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(
+    path: str | os.PathLike, *, min_age: float = STALE_AFTER
+) -> list[Path]:
+    """Delete the temporaries that killed writers of ``path`` left beside it; return them.
+
+    :func:`write_file` and :func:`write_sharded` write ``path`` through a
+    hidden temporary ``.NAME.XXXXXXXX.tmp`` (a file, or a directory for a
+    sharded checkpoint) in the same directory, renamed into place when
+    complete. A writer killed with SIGKILL (or by a power cut) cannot delete
+    it; the next write to ``path`` calls this function first.
+
+    Only names of that exact pattern for this ``path`` are considered, and one
+    is removed only when both hold:
+
+    - no process holds its lock: every writer here takes an exclusive
+      ``flock`` on its temporary right after creating it and keeps it until
+      the rename; the kernel releases it when the writer dies, so a live
+      writer's temporary, however slow, is never touched;
+    - it was last modified ``min_age`` seconds ago or more (default
+      ``STALE_AFTER``, 10 s): this covers the instant between a writer
+      creating its temporary and locking it.
+
+    So a temporary left by a writer killed less than ``min_age`` seconds ago
+    stays until a later write. Symlinks and other file kinds are never
+    removed; errors (permissions, a name that vanished) leave the entry as it
+    is. Without ``fcntl`` (not POSIX) nothing is removed. Two processes
+    writing the same path at once is not supported, but neither deletes the
+    other's temporary, and the last rename wins with a complete file.
+
+    >>> import os, tempfile, time
+    >>> from pathlib import Path
+    >>> work = Path(tempfile.mkdtemp())
+    >>> left = work / ".model.safetensors.k2j4h5g6.tmp"  # what a killed save leaves
+    >>> _ = left.write_bytes(b"half a checkpoint")
+    >>> os.utime(left, (time.time() - 60,) * 2)  # a minute ago
+    >>> [p.name for p in remove_stale_temporaries(work / "model.safetensors")]
+    ['.model.safetensors.k2j4h5g6.tmp']
+    >>> sorted(os.listdir(work))
+    []
+    >>> work.rmdir()
+    """
+    if fcntl is None:
+        return []
+    path = Path(path)
+    pattern = _temporary_name(path.name)
+    try:
+        names = [e.name for e in os.scandir(path.parent) if pattern.fullmatch(e.name)]
+    except OSError:
+        return []
+    return [path.parent / n for n in sorted(names) if _remove_if_stale(path.parent / n, min_age)]
+
+
 def _write_tensors(f, specs, produce: Callable[[str], Tensor]) -> None:
     """Write each produced tensor; the next one is produced while this one is written.
 
@@ -224,6 +346,8 @@ def write_file(
     is written and released. The file appears at ``path`` only when complete
     (written to a temporary file in the same directory, flushed, then renamed):
     an error or a kill midway leaves any previous file at ``path`` untouched.
+    Before writing, the temporaries that killed writers of ``path`` left are
+    deleted (see :func:`remove_stale_temporaries` for which ones).
     """
     path = atomic_path(path, overwrite=overwrite)
     specs = list(specs)
@@ -252,16 +376,18 @@ def write_file(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, _held(tmp):
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             _write_tensors(f, specs, produce)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            f.close()  # closed before the rename; the lock is held until after it
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -299,27 +425,29 @@ def write_sharded(
     """Write a sharded checkpoint directory (``model.safetensors.index.json`` + shards).
 
     The directory appears only when every shard is complete: it is built
-    beside ``dirpath`` under a temporary name, then renamed into place.
+    beside ``dirpath`` under a temporary name (locked while it is written),
+    then renamed into place. Stale temporary directories that killed writers
+    of ``dirpath`` left are deleted first (see :func:`remove_stale_temporaries`).
     """
-    import shutil
-
     dirpath = atomic_path(dirpath, overwrite=overwrite)
+    remove_stale_temporaries(dirpath)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.", suffix=".tmp", dir=dirpath.parent))
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        n = len(shards)
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            write_file(tmp / fname, shard, produce, metadata)
-            weight_map.update(dict.fromkeys((name for name, *_ in shard), fname))
-        index = {"metadata": dict(metadata or {}), "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if dirpath.exists():
-            old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
-            os.replace(dirpath, old)
-        os.replace(tmp, dirpath)
+        with _held(tmp):
+            os.chmod(tmp, 0o777 & ~_umask())
+            n = len(shards)
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                write_file(tmp / fname, shard, produce, metadata)
+                weight_map.update(dict.fromkeys((name for name, *_ in shard), fname))
+            index = {"metadata": dict(metadata or {}), "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            if dirpath.exists():
+                old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
+                os.replace(dirpath, old)
+            os.replace(tmp, dirpath)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dirpath.exists():

@@ -1,7 +1,8 @@
 """Spheres that hold the direction D, and the policies that pick their radius.
 
-All functions take the *matrix view* (..., d_out, d_in) of a tensor (see
-:mod:`mdparam.views`).
+Each kind is a :class:`Sphere`; the functions below take a sphere's name or
+object, and the *matrix view* (..., d_out, d_in) of a tensor (see
+:mod:`mdparam.layouts`).
 
 - ``flat``: ||D||_F = R for each matrix (the authors' default).
 - ``row``: every row has norm R (nGPT-style when R = 1).
@@ -30,30 +31,23 @@ import numbers
 import torch
 from torch import Tensor
 
+from .gains import GainKind, gain_kind_of
+from .kinds import Kinds
+
 __all__ = [
     "RADIUS_POLICIES",
     "SPHERES",
+    "Sphere",
     "norm_dtype",
     "project",
     "resolve_radius",
     "shape_radius",
     "sphere_dims",
     "sphere_norm",
+    "sphere_of",
 ]
 
-SPHERES = ("flat", "row", "col")
 RADIUS_POLICIES = ("shape", "init")
-
-
-def sphere_dims(sphere: str) -> tuple[int, ...]:
-    """The matrix dims a sphere reduces over when it takes a norm."""
-    if sphere == "flat":
-        return (-2, -1)
-    if sphere == "row":
-        return (-1,)
-    if sphere == "col":
-        return (-2,)
-    raise ValueError(f"unknown sphere {sphere!r}; choose one of {SPHERES}")
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,26 +55,131 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def sphere_norm(matrix: Tensor, sphere: str) -> Tensor:
+class Sphere:
+    """A sphere kind: which units of the matrix it normalises, and how gains take up a norm.
+
+    ``dims`` are the matrix dims a norm reduces over; ``unit_role`` is the gain
+    role with one entry per unit (None for the flat sphere, whose one unit
+    any gain can scale).
+    """
+
+    name = ""
+    dims: tuple[int, ...] = ()
+    unit_role: str | None = None
+
+    def norm(self, matrix: Tensor) -> Tensor:
+        """Norm of each unit, keepdim so it broadcasts against ``matrix``."""
+        return torch.linalg.vector_norm(
+            matrix, dim=self.dims, keepdim=True, dtype=norm_dtype(matrix.dtype)
+        )
+
+    def units(self, d_out: int, d_in: int) -> int:
+        """How many units (rows, columns or the whole matrix) one matrix has."""
+        raise NotImplementedError
+
+    def shape_radius(self, d_out: int, d_in: int) -> float:
+        """Radius per unit of the ``"shape"`` policy: ||D||_F = sqrt(max(d_out, d_in))."""
+        return math.sqrt(max(d_out, d_in) / self.units(d_out, d_in))
+
+    def project(self, matrix: Tensor, radius: float | Tensor) -> Tensor:
+        """Rescale each unit of ``matrix`` to norm ``radius`` (same dtype out)."""
+        return (matrix * (radius / self.norm(matrix))).to(matrix.dtype)
+
+    def can_absorb(self, gains: GainKind) -> bool:
+        """Whether ``gains`` can take up any per-unit scale this sphere removes."""
+        return self.unit_role in gains.roles
+
+    def absorb(
+        self, scale: Tensor, gains: GainKind, mshape: tuple[int, ...]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Split the per-unit ``scale`` removed by the sphere into gain magnitudes.
+
+        Returns the magnitudes per gain role (ones where a role takes nothing) and
+        what the gains could not take (ones when everything was absorbed).
+        """
+        ones = torch.ones((), dtype=scale.dtype, device=scale.device)
+        mags = {r: ones.expand(gains.shape(r, mshape)) for r in gains.roles}
+        if not self.can_absorb(gains):
+            return mags, scale
+        mags[self.unit_role] = scale.squeeze(self.dims[0])
+        return mags, ones.expand_as(scale)
+
+    def absorbing_gains(self) -> tuple[str, ...]:
+        """Names of the gain layouts that can take up what this sphere removes."""
+        return tuple(g.name for g in gain_kind_of if self.can_absorb(g))
+
+    def __repr__(self) -> str:
+        return f"Sphere({self.name!r})"
+
+
+class FlatSphere(Sphere):
+    name = "flat"
+    dims = (-2, -1)
+
+    def units(self, d_out: int, d_in: int) -> int:
+        return 1
+
+    def can_absorb(self, gains: GainKind) -> bool:
+        return bool(gains.roles)
+
+    def absorb(
+        self, scale: Tensor, gains: GainKind, mshape: tuple[int, ...]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        mags, leftover = super().absorb(scale, gains, mshape)
+        if not gains.roles:
+            return mags, leftover
+        s = scale.squeeze(-1)  # (*batch, 1)
+        share = s.sqrt() if len(gains.roles) == 2 else s  # rowcol: half each way
+        for role in gains.roles:
+            mags[role] = share.expand(gains.shape(role, mshape))
+        return mags, torch.ones_like(scale)
+
+
+class RowSphere(Sphere):
+    name = "row"
+    dims = (-1,)
+    unit_role = "row_gain"
+
+    def units(self, d_out: int, d_in: int) -> int:
+        return d_out
+
+
+class ColSphere(Sphere):
+    name = "col"
+    dims = (-2,)
+    unit_role = "col_gain"
+
+    def units(self, d_out: int, d_in: int) -> int:
+        return d_in
+
+
+sphere_of: Kinds[Sphere] = Kinds("sphere", Sphere)
+for _cls in (FlatSphere, RowSphere, ColSphere):
+    sphere_of.add(_cls())
+SPHERES = sphere_of.names
+
+
+def sphere_dims(sphere: str | Sphere) -> tuple[int, ...]:
+    """The matrix dims a sphere reduces over when it takes a norm."""
+    return sphere_of(sphere).dims
+
+
+def sphere_norm(matrix: Tensor, sphere: str | Sphere) -> Tensor:
     """Norm of each unit of the sphere, keepdim so it broadcasts against ``matrix``."""
-    return torch.linalg.vector_norm(
-        matrix, dim=sphere_dims(sphere), keepdim=True, dtype=norm_dtype(matrix.dtype)
-    )
+    return sphere_of(sphere).norm(matrix)
 
 
-def shape_radius(d_out: int, d_in: int, sphere: str) -> float:
+def shape_radius(d_out: int, d_in: int, sphere: str | Sphere) -> float:
     """Radius of the ``"shape"`` policy for one unit of the sphere."""
-    total = max(d_out, d_in)
-    if sphere == "flat":
-        return math.sqrt(total)
-    if sphere == "row":
-        return math.sqrt(total / d_out)
-    if sphere == "col":
-        return math.sqrt(total / d_in)
-    raise ValueError(f"unknown sphere {sphere!r}; choose one of {SPHERES}")
+    return sphere_of(sphere).shape_radius(d_out, d_in)
 
 
-def resolve_radius(radius: str | float, matrix: Tensor, sphere: str) -> float | Tensor:
+def project(matrix: Tensor, sphere: str | Sphere, radius: float | Tensor) -> Tensor:
+    """Rescale each unit of ``matrix`` to norm ``radius`` (same dtype out)."""
+    return sphere_of(sphere).project(matrix, radius)
+
+
+def resolve_radius(radius: str | float, matrix: Tensor, sphere: str | Sphere) -> float | Tensor:
     """Turn a radius policy into a number, or for ``"init"`` a tensor.
 
     ``matrix`` is the weight's matrix view at registration. ``"shape"`` and
@@ -89,25 +188,14 @@ def resolve_radius(radius: str | float, matrix: Tensor, sphere: str) -> float | 
     broadcasts like :func:`sphere_norm` (fp32 for bf16/fp16 weights): it is
     kept with the model's state, so a checkpoint or DCP resume restores it.
     """
+    kind = sphere_of(sphere)
     if isinstance(radius, str):
         if radius == "shape":
-            return shape_radius(matrix.shape[-2], matrix.shape[-1], sphere)
+            return kind.shape_radius(matrix.shape[-2], matrix.shape[-1])
         if radius == "init":
-            if matrix.is_meta:
-                raise ValueError(
-                    "radius='init' reads the weight's norm, but the weight is on the "
-                    "meta device and has no values; use radius='shape' or a number "
-                    "for meta-device registration"
-                )
-            norms = sphere_norm(matrix.detach(), sphere)
-            if not bool(torch.all(torch.isfinite(norms) & (norms > 0))):
-                raise ValueError(
-                    "radius='init' needs a weight whose norm (per unit of the "
-                    f"{sphere!r} sphere) is finite and non-zero"
-                )
-            return norms
+            return _init_radius(matrix, kind)
         raise ValueError(
-            f"unknown radius {radius!r}; choose one of {RADIUS_POLICIES} or a positive number"
+            f"unknown radius={radius!r}; choose one of {RADIUS_POLICIES} or a positive number"
         )
     if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
         raise ValueError(
@@ -118,7 +206,17 @@ def resolve_radius(radius: str | float, matrix: Tensor, sphere: str) -> float | 
     return float(radius)
 
 
-def project(matrix: Tensor, sphere: str, radius: float | Tensor) -> Tensor:
-    """Rescale each unit of ``matrix`` to norm ``radius`` (same dtype out)."""
-    norms = sphere_norm(matrix, sphere)
-    return (matrix * (radius / norms)).to(matrix.dtype)
+def _init_radius(matrix: Tensor, kind: Sphere) -> Tensor:
+    if matrix.is_meta:
+        raise ValueError(
+            "radius='init' reads the weight's norm, but the weight is on the "
+            "meta device and has no values; use radius='shape' or a number "
+            "for meta-device registration"
+        )
+    norms = kind.norm(matrix.detach())
+    if not bool(torch.all(torch.isfinite(norms) & (norms > 0))):
+        raise ValueError(
+            "radius='init' needs a weight whose norm (per unit of the "
+            f"{kind.name!r} sphere) is finite and non-zero"
+        )
+    return norms

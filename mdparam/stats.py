@@ -7,10 +7,9 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import _full, _unwrap
+from .layouts import to_matrix
 from .maps import apply_gain_map
-from .register import registered, unique_directions
-from .views import to_matrix
+from .tree import full_tensor, registered, unique_directions, unwrap
 
 __all__ = ["stats"]
 
@@ -65,13 +64,13 @@ def stats(
     """
     keys: list[tuple[str | None, str]] = []  # (layer name or None, statistic) for each value
     values: list[Tensor] = []
-    for e in unique_directions(registered(_unwrap(model))):
+    for e in unique_directions(registered(unwrap(model))):
         cfg = e.config
         for role, raw in zip(cfg.roles[1:], e.gains):
-            mag = apply_gain_map(_full(raw.detach()).float(), cfg.gain_map)
+            mag = apply_gain_map(full_tensor(raw.detach()).float(), cfg.gain_map)
             keys += [(e.name, f"{role}_mean"), (e.name, f"{role}_min"), (e.name, f"{role}_max")]
             values += [mag.mean(), mag.min(), mag.max()]
-        d = to_matrix(_full(e.direction.detach()), cfg.layout).float()
+        d = to_matrix(full_tensor(e.direction.detach()), cfg.layout).float()
         if exact:
             record = ("exact", d.clone())
         else:

@@ -37,8 +37,8 @@ def sphere_error(model: torch.nn.Module) -> float:
     """
     import mdparam
     from mdparam.distributed import is_sharded
+    from mdparam.layouts import to_matrix
     from mdparam.sphere import sphere_norm
-    from mdparam.views import to_matrix
 
     assert mdparam.registered(model), "sphere_error: the model has no registered layers"
     worst = 0.0

@@ -67,10 +67,8 @@ def test_compiled_training_has_no_graph_breaks_and_no_recompiles():
     assert rel_err(plain(x), logits) <= 1e-6
 
 
-def test_opaque_fuse_matches_the_traced_fuse(monkeypatch):
-    """MDPARAM_OPAQUE_FUSE=1: the fuse is one opaque op in the graph, same values and grads."""
-    import mdparam.parametrization as mp
-
+def test_opaque_fuse_matches_the_traced_fuse():
+    """register(fuse="opaque"): the fuse is one opaque op in the graph, same values and grads."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
@@ -78,7 +76,8 @@ def test_opaque_fuse_matches_the_traced_fuse(monkeypatch):
     x = torch.randn(5, 16)
     results = []
     for opaque in (False, True):
-        monkeypatch.setattr(mp, "_OPAQUE_FUSE", opaque)
+        for e in mdparam.registered(model):  # what register(fuse="opaque") sets
+            e.parametrization.opaque_fuse = opaque
         torch._dynamo.reset()
         model.zero_grad()
         backend = AotEagerAndRecordGraphs()  # AOT autograd: fake kernels and backward op too

@@ -8,8 +8,8 @@ from conftest import FusedExperts, rel_err
 from torch import nn
 
 import mdparam
+from mdparam.layouts import to_matrix
 from mdparam.sphere import sphere_norm
-from mdparam.views import to_matrix
 
 
 def test_retraction_writes_back_into_a_channels_last_convolution():

@@ -1,5 +1,8 @@
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -14,11 +17,20 @@ import safetensors.torch
 import torch
 from conftest import byte_batches, rel_err, tiny_gpt
 
+import export
 import mdparam
+import mdparam.convert
 from examples.gpt import GPT
 from export import convert
 from export.convert import main as export_main
-from mdparam.safetensors_io import read_header, write_file
+from mdparam.safetensors_io import (
+    read_header,
+    remove_stale_temporaries,
+    write_file,
+    write_sharded,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
 
@@ -364,3 +376,318 @@ def test_load_plain_refuses_weights_a_pure_sphere_cannot_hold():
     with pytest.raises(ValueError, match=r"'blocks.0.attn.q.weight'.*gains='none' cannot take up"):
         mdparam.load_plain(model, tiny_gpt(seed=3).state_dict())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- the converter's names: mdparam.convert, mdparam-export, python -m export --------
+
+
+def test_the_converter_lives_in_the_package_and_export_is_not_installed():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["mdparam*"]
+    target = project["project"]["scripts"]["mdparam-export"]
+    module, _, func = target.partition(":")
+    assert getattr(__import__(module, fromlist=[func]), func) is mdparam.convert.main
+    # the checkout's export/ folder is only an entry point onto the same functions
+    assert export.convert is mdparam.convert.convert and export_main is mdparam.convert.main
+
+
+def test_python_dash_m_mdparam_convert_converts_outside_the_checkout(tmp_path):
+    model = small_registered()
+    mdparam.save_training(model, tmp_path / "train.safetensors")
+    out = subprocess.run(
+        [sys.executable, "-m", "mdparam.convert", "train.safetensors", "plain.safetensors"],
+        cwd=tmp_path,  # not the repository: the installed package alone
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "python -m mdparam.convert: wrote plain.safetensors" in out.stderr
+    plain = safetensors.torch.load_file(tmp_path / "plain.safetensors")
+    reference = mdparam.plain_state_dict(model)
+    assert set(plain) == set(reference) and all(torch.equal(plain[k], reference[k]) for k in plain)
+
+
+# --- the converter never writes over its input ------------------------------------
+
+
+def small_registered():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    mdparam.register(model)
+    return model
+
+
+def snapshot(root):
+    """Every file under ``root`` (or ``root`` itself) with the hash of its bytes."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+ALIASES = {
+    "same path": lambda p: p,
+    "./ spelling": lambda p: Path(os.path.relpath(p.parent)) / "." / p.name,
+    "symlink": lambda p: (p.parent / "alias").symlink_to(p.name) or p.parent / "alias",
+    "hard link": lambda p: os.link(p, p.parent / "alias") or p.parent / "alias",
+}
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_converter_refuses_to_write_its_own_input_file(tmp_path, capsys, alias, force):
+    train = mdparam.save_training(small_registered(), tmp_path / "train.safetensors")
+    dst = ALIASES[alias](train)
+    before = snapshot(tmp_path)
+    rc = export_main([str(train), str(dst), "--quiet"] + ["--force"] * force)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"the output {dst} is " in err and "the input checkpoint" in err
+    assert "write the output to another path" in err.lower()
+    assert ("same file as" in err) == (alias in ("symlink", "hard link"))
+    assert "already exists" not in err  # --force would not help: it is not offered
+    assert snapshot(tmp_path) == before  # nothing replaced, no temporary left
+    with pytest.raises(shutil.SameFileError, match="is the input checkpoint|same file as"):
+        convert(train, dst, overwrite=True)
+    # the directory that holds the input is refused too
+    rc = export_main([str(train), str(tmp_path), "--quiet", "--force"])
+    assert rc == 1 and "holds the input checkpoint" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_converter_refuses_to_write_into_its_own_sharded_input(tmp_path, capsys):
+    src = tmp_path / "train"
+    mdparam.save_training(small_registered(), src, max_shard_bytes=1500)
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    (tmp_path / "link").symlink_to("train")
+    os.link(shards[1], tmp_path / "shard-link.safetensors")
+    before = snapshot(tmp_path)
+    cases = {
+        src: "is the input checkpoint",
+        src / ".." / "train": "is the input checkpoint",
+        tmp_path / "link": "is the same file as the input checkpoint",
+        shards[0]: "is a file of the input checkpoint",
+        src / "model.safetensors.index.json": "is a file of the input checkpoint",
+        tmp_path / "shard-link.safetensors": f"same file as {shards[1]}, a file of the input",
+        tmp_path: "is a directory that holds the input checkpoint",
+    }
+    for dst, message in cases.items():
+        assert export_main([str(src), str(dst), "--force", "--quiet"]) == 1, dst
+        err = capsys.readouterr().err
+        assert message in err and "write the output to another path" in err.lower(), err
+        assert snapshot(tmp_path) == before, dst
+    # a new directory beside it is fine
+    assert export_main([str(src), str(tmp_path / "plain"), "--quiet"]) == 0
+
+
+def test_python_dash_m_export_refuses_its_input_with_force(tmp_path):
+    train = mdparam.save_training(small_registered(), tmp_path / "train.safetensors")
+    before = snapshot(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "export", str(train), str(train), "--force"],
+        cwd=REPO,  # python -m export is the checkout's entry point
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"python -m export: error: the output {train} is the input checkpoint" in out.stderr
+    assert "Write the output to another path" in out.stderr and "Traceback" not in out.stderr
+    assert snapshot(tmp_path) == before
+
+
+# --- temporaries left by killed writers -----------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from pathlib import Path
+    from mdparam.safetensors_io import write_file, write_sharded
+    target, kind, ready, go = sys.argv[1:]
+    def produce(name):  # t0 is handed to the writer thread, then t1 waits for "go"
+        if name == "t1":
+            Path(ready).touch()
+            while not Path(go).exists():
+                time.sleep(0.01)
+        return torch.ones(1 << 20)
+    specs = [(f"t{i}", torch.float32, (1 << 20,)) for i in range(3)]
+    if kind == "file":
+        write_file(target, specs, produce, overwrite=True)
+    else:
+        write_sharded(target, [specs[:1], specs[1:]], produce, overwrite=True)
+    """
+)
+
+
+def temporaries(path):
+    """What the writers of ``path`` leave beside it while they work: ``.NAME.XXXXXXXX.tmp``."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def start_writer(path, kind, tmp_path):
+    """A writer of ``path`` in another process, stopped inside its write (a temporary exists)."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), kind, str(ready), str(go)], cwd=REPO
+    )
+    deadline = time.time() + 300
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the writer never reached its second tensor (exit {proc.poll()})")
+        time.sleep(0.02)
+    return proc, go
+
+
+def age(path, seconds):
+    """Set ``path``'s modification time ``seconds`` ago (negative: in the future)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+@pytest.mark.parametrize("kind", ["file", "sharded"])
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path, kind):
+    work = tmp_path / "ckpt"
+    work.mkdir()
+    path = work / ("big.safetensors" if kind == "file" else "big")
+    if kind == "file":
+        path.write_bytes(b"previous")
+    else:
+        path.mkdir()
+        (path / "old.txt").write_bytes(b"previous")
+    before = snapshot(path)
+    proc, _ = start_writer(path, kind, tmp_path)
+    left = temporaries(path)
+    proc.send_signal(signal.SIGKILL)  # mid-write: the writer is inside produce("t1")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert len(left) == 1 and temporaries(path) == left  # the kill left it behind
+    assert left[0].is_dir() == (kind == "sharded")
+    assert snapshot(path) == before  # the previous checkpoint is intact
+
+    def save():
+        model = small_registered()
+        if kind == "file":
+            return mdparam.save_plain(model, path, overwrite=True)
+        return mdparam.save_training(model, path, overwrite=True, max_shard_bytes=1500)
+
+    # Just written (its mtime is now, here pushed into the future so the test cannot race
+    # the clock): it may belong to a writer that has not locked it yet, so it stays.
+    age(left[0], -3600)
+    save()
+    assert temporaries(path) == left
+    # Older than STALE_AFTER and unlocked: a dead writer's; the next save deletes it.
+    age(left[0], 60)
+    save()
+    assert temporaries(path) == []
+    assert sorted(p.name for p in work.iterdir()) == [path.name]
+    if kind == "file":
+        saved = safetensors.torch.load_file(path)  # the new file is complete
+        reference = mdparam.plain_state_dict(small_registered())  # same seed, same weights
+        assert set(saved) == set(reference) and all(
+            torch.equal(saved[k], reference[k]) for k in saved
+        )
+    else:
+        mdparam.load_training(small_registered(), path)  # the new sharded checkpoint is complete
+
+
+def wait_for_first_tensor(tmp):
+    """Wait until a file temporary holds its header and t0, so its mtime stays put."""
+    deadline = time.time() + 120
+    while True:
+        size = tmp.stat().st_size
+        if size >= 8 and size == 8 + struct.unpack("<Q", tmp.read_bytes()[:8])[0] + (4 << 20):
+            return
+        assert time.time() < deadline, "the writer never wrote its first tensor"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("kind", ["file", "sharded"])
+def test_a_live_writers_temporary_is_never_removed(tmp_path, kind):
+    path = tmp_path / ("m.safetensors" if kind == "file" else "m")
+    proc, go = start_writer(path, kind, tmp_path)
+    try:
+        (tmp,) = temporaries(path)
+        if kind == "file":
+            wait_for_first_tensor(tmp)
+        # (sharded: the directory's entries no longer change while the writer waits)
+        age(tmp, 3600)  # old, but locked by its living writer
+        before = snapshot(tmp)
+        assert remove_stale_temporaries(path) == []
+        model = small_registered()  # a second writer of the same path
+        if kind == "file":
+            mdparam.save_plain(model, path, overwrite=True)
+        else:
+            mdparam.save_training(model, path, overwrite=True, max_shard_bytes=1500)
+        assert temporaries(path) == [tmp] and snapshot(tmp) == before
+        go.touch()
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    # the last rename wins, with a complete checkpoint; nothing is left behind
+    if kind == "file":
+        loaded = safetensors.torch.load_file(path)
+    else:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        loaded = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            loaded.update(safetensors.torch.load_file(path / shard))
+    assert sorted(loaded) == ["t0", "t1", "t2"]
+    assert all(bool((t == 1).all()) for t in loaded.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["go", path.name, "ready"])
+
+
+def test_only_unlocked_old_temporaries_of_that_path_are_removed(tmp_path):
+    import fcntl
+
+    path = tmp_path / "m.safetensors"
+
+    def make(name, old=True, directory=False):
+        p = tmp_path / name
+        if directory:
+            p.mkdir()
+            (p / "shard.safetensors").write_bytes(b"x")
+        else:
+            p.write_bytes(b"x")
+        age(p, 3600 if old else -3600)
+        return p
+
+    stale = make(".m.safetensors.abcd_123.tmp")
+    stale_dir = make(".m.safetensors.zzzzzzzz.tmp", directory=True)
+    locked = make(".m.safetensors.locked00.tmp")
+    young = make(".m.safetensors.young000.tmp", old=False)
+    kept = [
+        locked,
+        young,
+        make(".m.safetensors.backup.tmp"),  # not a temporary's name: 6 characters
+        make(".m.safetensors.x.abcdefgh.tmp"),  # the temporary of m.safetensors.x
+        make(".other.safetensors.abcdefgh.tmp"),
+        make("m.safetensors.abcdefgh.tmp"),
+        make(".m.safetensors.abcdefgh.tmp.bak"),
+    ]
+    victim = make("victim")
+    (tmp_path / ".m.safetensors.symlink0.tmp").symlink_to("victim")  # never followed
+    holder = os.open(locked, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # as a writer holds it
+        assert remove_stale_temporaries(path) == sorted([stale, stale_dir])
+        assert all(p.exists() for p in kept) and victim.read_bytes() == b"x"
+        assert (tmp_path / ".m.safetensors.symlink0.tmp").is_symlink()
+    finally:
+        os.close(holder)  # the writer is gone
+    assert remove_stale_temporaries(path) == [locked]
+    assert remove_stale_temporaries(path, min_age=-7200) == [young]
+
+
+def test_a_failed_sharded_write_leaves_no_temporary(tmp_path):
+    def produce(name):
+        if name == "b":
+            raise RuntimeError("disk on fire")
+        return torch.zeros(4)
+
+    specs = [("a", torch.float32, (4,)), ("b", torch.float32, (4,))]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_sharded(tmp_path / "ckpt", [specs[:1], specs[1:]], produce)
+    assert os.listdir(tmp_path) == []

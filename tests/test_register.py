@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mdparam
+from mdparam.gains import GAINS, gain_kind_of
 from mdparam.maps import GAIN_MAPS
-from mdparam.parametrization import GAINS, can_absorb
-from mdparam.sphere import SPHERES, sphere_norm
+from mdparam.sphere import SPHERES, sphere_norm, sphere_of
 
 COMBOS = list(itertools.product(GAINS, SPHERES, GAIN_MAPS))
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -23,7 +23,7 @@ TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1
 
 def radius_for(gains, sphere):
     # Where the gains cannot take up the sphere's norm, only radius="init" preserves.
-    return "shape" if can_absorb(gains, sphere) else "init"
+    return "shape" if sphere_of(sphere).can_absorb(gain_kind_of(gains)) else "init"
 
 
 @pytest.mark.parametrize("tie_head", [False, True])

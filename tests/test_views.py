@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mdparam.views import from_matrix, matrix_dim, matrix_shape, to_matrix
+from mdparam.layouts import from_matrix, matrix_dim, matrix_shape, to_matrix
 
 CASES = [
     ("linear", (5, 3)),
