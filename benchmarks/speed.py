@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-repeats", type=int, default=3)
     p.add_argument("--recompile-steps", type=int, default=200)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument(
+        "--report", action="store_true", help="only redraw the table and plot from --out"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--section", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -100,6 +103,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "speed.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.report:
+        print(write_report(results, out_dir))
+        return
     results["machine"] = machine_info()
     results["workload"] = workload_info(args.repeats)
     measure(args, results, path)

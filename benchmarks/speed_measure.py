@@ -43,7 +43,7 @@ GLIBC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=
 ALLOCATORS = {"default": {}, "tuned": {"GLIBC_TUNABLES": GLIBC_TUNED}}  # environment of each
 ALLOCATOR_INDEPENDENT = ("compile", "recompiles")  # the allocator does not change what is compiled
 IN_PARENT = ("compile", "memory")  # sections that start every variant's process themselves
-OPAQUE = {"MDPARAM_OPAQUE_FUSE": "1"}  # mdparam's fuse as an opaque op under torch.compile
+OPAQUE = {"MDPARAM_BENCH_FUSE": "opaque"}  # workloads.py registers with fuse="opaque"
 
 
 # --- child processes -------------------------------------------------------------------

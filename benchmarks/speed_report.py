@@ -58,11 +58,11 @@ TABLE_RATIOS = [
     ),
     ("cold compile time", ("compile", "ratio")),
     (
-        "cold compile time, fuse as an opaque op (MDPARAM_OPAQUE_FUSE=1)",
+        "cold compile time, fuse as an opaque op (register(fuse='opaque'))",
         ("compile", "opaque_fuse_ratio"),
     ),
     (
-        "train step, compiled fp32, fuse as an opaque op (MDPARAM_OPAQUE_FUSE=1)",
+        "train step, compiled fp32, fuse as an opaque op (register(fuse='opaque'))",
         ("step", "compiled_fp32_opaque_fuse", "ratio"),
     ),
     ("peak RSS, eager", ("memory", "eager", "peak_ratio")),

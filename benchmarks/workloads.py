@@ -7,6 +7,7 @@ in ``mdparam.register`` (and what it implies: param groups, retraction).
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import time
@@ -62,7 +63,8 @@ def build_pair(
     torch.manual_seed(seed)
     plain = GPT(cfg)
     md = copy.deepcopy(plain)
-    mdparam.register(md)
+    # the speed suite's opaque-fuse variant runs its child processes with this set
+    mdparam.register(md, fuse=os.environ.get("MDPARAM_BENCH_FUSE", "traced"))
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
     y = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
