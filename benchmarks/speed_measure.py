@@ -256,10 +256,8 @@ def section_retraction_child(args: argparse.Namespace) -> dict:
     relative.attach(torch.optim.SGD(mdparam.param_groups(md.model, lr=0.0)))
 
     def relative_step() -> None:  # what the pre- and post-step hooks do around one step
-        with torch.no_grad():
-            for prev, d in zip(relative._previous, relative.directions):
-                prev.copy_(d)
-        relative._after_step()
+        relative.relative.record()
+        relative()
 
     compiled = mdparam.Retraction(md.model, compile=True)  # the path compile="auto" skips on CPU
     t = interleaved(

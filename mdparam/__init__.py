@@ -5,9 +5,9 @@ learnable per-row and per-column gains, each stepped at its own learning rate
 by any torch.optim optimizer.
 
     import mdparam
-    mdparam.register(model)
-    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=3e-3, gain_lr=1e-3))
-    mdparam.Retraction(model).attach(opt)
+    train = mdparam.recipe(model, "muon", lr=0.03, steps=10_000)  # from scratch
+    ...
+    loss.backward(); train.step()
 """
 
 from .adapters import Adapter, register_adapter
@@ -20,9 +20,8 @@ from .parametrization import MagnitudeDirection, MDConfig, fuse
 from .recipe import Recipe, recipe
 from .register import Registered, register, registered, reinitialize, remove
 from .retraction import Retraction, RetractionError
-from .stats import stats
-
-__version__ = "0.1.0"
+from .stats import Stats, stats
+from .version import __version__
 
 __all__ = [
     "Adapter",
@@ -33,6 +32,7 @@ __all__ = [
     "Registered",
     "Retraction",
     "RetractionError",
+    "Stats",
     "__version__",
     "clip_grad_norm_",
     "compile_step",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .parametrization import MDConfig, fuse
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,8 +66,6 @@ class FusedSpec:
 
 
 def _base(extra: Mapping[str, str] | None, kind: str) -> dict[str, str]:
-    from . import __version__
-
     meta = {"format": "pt", KIND: kind, VERSION: FORMAT_VERSION, LIB_VERSION: __version__}
     for k, v in (extra or {}).items():
         if not (isinstance(k, str) and isinstance(v, str)):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
-from itertools import chain
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .retraction import Retraction, relative_step_, retract_
+from .retraction import Retraction
+from .torch_optim import mark_stepped, undecorated_step, with_step_hooks
 
 __all__ = ["CompiledStep", "compile_step"]
 
@@ -28,9 +27,9 @@ def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(group["lr"], Tensor):
             device = group["params"][0].device if group["params"] else "cpu"
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-    if getattr(optimizer, "_mdparam_tensor_lrs", False):
+    if optimizer in _HOOKED:
         return
-    optimizer._mdparam_tensor_lrs = True
+    _HOOKED.add(optimizer)
     kept: list[Tensor | None] = []
 
     def floats_out(opt: torch.optim.Optimizer, state: dict) -> dict:
@@ -55,6 +54,9 @@ def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_load_state_dict_post_hook(fill_in)
 
 
+_HOOKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose state_dict hooks are in
+
+
 class CompiledStep:
     """``optimizer.step()`` and the retraction as one compiled function; see :func:`compile_step`."""
 
@@ -73,20 +75,20 @@ class CompiledStep:
                     "twice. Build it without attach() (or remove the handle attach returned): the "
                     "compiled step runs it"
                 )
-            _, missing = retraction._groups_of(optimizer)
+            missing = retraction.missing(optimizer)
             if missing:
                 raise ValueError(
                     f"mdparam.compile_step: the optimizer does not step the directions of {missing[:3]}; "
                     "give it the optimizer that holds all directions"
                 )
-            if retraction.relative_step and not retraction.relative_all:
+            if retraction.relative is not None and not retraction.relative.covers_all:
                 raise NotImplementedError(
                     "mdparam.compile_step: a Retraction whose relative step covers only some "
                     "directions (relative_step=<glob>) is not supported; use relative_step=True, "
                     "or attach the Retraction and call optimizer.step() yourself"
                 )
-            if retraction.relative_step:
-                self._previous = retraction._prepare_relative(optimizer)
+            if retraction.relative is not None:
+                retraction.relative.bind(optimizer)
         if optimizer.defaults.get("differentiable"):
             raise ValueError(
                 "mdparam.compile_step: differentiable optimizers are not supported; build the "
@@ -95,50 +97,41 @@ class CompiledStep:
         _tensor_lrs(optimizer)
         # torch.optim's step() graph-breaks around its body to switch grad mode off;
         # calling the undecorated body inside our own no_grad keeps step and
-        # retraction in one graph. Its hooks are run here, outside the graph.
-        self._raw_step = inspect.unwrap(type(optimizer).step)
+        # retraction in one graph. Its hooks are run around it, outside the graph.
+        self._raw_step = undecorated_step(optimizer)
         self.optimizer = optimizer
         self.retraction = retraction
         # The retraction joins the graph only where it is compiled itself (Retraction(
-        # compile=True), the default on accelerators). On the CPU the step with the
-        # retraction in the graph measured 1.11x a plain compiled AdamW step, and with the
-        # retraction run eagerly after the compiled step 1.05x (benchmarks/speed.py optstep).
+        # compile=True), the default on accelerators); on the CPU, one graph measured no
+        # faster than the eager retraction after the compiled step (benchmarks/speed.py optstep).
         self.retraction_in_graph = retraction is not None and retraction.compiled
         self._fn = torch.compile(self._step, **compile_options) if compile else self._step
+        self._hooked = with_step_hooks(self._body)
 
     def _step(self) -> list[Tensor] | None:
         r = self.retraction
-        if r is not None and r.relative_step:
-            for prev, d in zip(self._previous, r.directions):
-                prev.copy_(d.to_local() if r.sharded else d)
+        if r is not None and r.relative is not None:
+            r.relative.copy_previous()
         self._raw_step(self.optimizer)
         if r is None or not self.retraction_in_graph:
             return None
-        radii = r.radii()
-        if r.relative_step:
-            relative_step_(
-                r.directions, self._previous, r._spheres, r._layouts, radii, r.current_lrs()
-            )
-        return retract_(r.directions, r._spheres, r._layouts, radii)
+        lrs = r.relative.current_lrs() if r.relative is not None else None
+        return r.retract_tensors(lrs)
 
-    def __call__(self) -> None:
-        opt = self.optimizer
-        for hook in chain(
-            _global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
-        ):
-            hook(opt, (), {})
+    def _body(self, optimizer: torch.optim.Optimizer) -> list[Tensor] | None:
         with torch.no_grad():
             norms = self._fn()
-        opt._optimizer_step_code()
         r = self.retraction
         if r is not None and not self.retraction_in_graph:
-            r._after_step()  # D was recorded in the graph; eager, per tensor, checks norms
-        for hook in chain(
-            opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
-        ):
-            hook(opt, (), {})
-        opt._opt_called = True  # what an LR scheduler's wrapper of step() records
-        if norms is not None and r.check:
+            if r.relative is not None:
+                r.relative.mark_recorded()  # D was recorded in the graph
+            r()  # eager, per tensor; checks norms
+        return norms
+
+    def __call__(self) -> None:
+        norms = self._hooked(self.optimizer)
+        mark_stepped(self.optimizer)
+        if norms is not None and self.retraction.check:
             self.retraction.check_norms(norms)
 
 

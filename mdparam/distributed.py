@@ -19,10 +19,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layouts import matrix_dim, to_matrix
-from .sphere import sphere_dims, sphere_norm
+from .layouts import Layout, matrix_dim, to_matrix
+from .sphere import Sphere, sphere_dims, sphere_norm
 
-__all__ = ["is_sharded", "local_radius", "norms_are_global", "reduce_plan", "sharded_norms"]
+__all__ = [
+    "LocalNorms",
+    "ShardedNorms",
+    "any_rank",
+    "is_sharded",
+    "local_radius",
+    "norm_strategy",
+    "norms_are_global",
+    "reduce_plan",
+    "sharded_norms",
+]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -80,10 +90,6 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
     return out
 
 
-def _all_reduce(flat: Tensor, group: object) -> None:
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-
-
 ReducePlan = list[tuple[object, list[int]]]
 
 
@@ -104,8 +110,8 @@ def reduce_plan(
 def sharded_norms(
     locals_: Sequence[Tensor],
     plan: ReducePlan,
-    spheres: Sequence[str],
-    layouts: Sequence[str],
+    spheres: Sequence[str | Sphere],
+    layouts: Sequence[str | Layout],
 ) -> list[Tensor]:
     """Global norms per sphere unit (keepdim) of local shards, reduced as ``plan`` says.
 
@@ -117,13 +123,86 @@ def sharded_norms(
     ]
     for group, idx in plan:
         flat = torch.cat([squares[i].reshape(-1) for i in idx])
-        _all_reduce(flat, group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         offset = 0
         for i in idx:
             n = squares[i].numel()
             squares[i] = flat[offset : offset + n].view_as(squares[i])
             offset += n
     return [s.sqrt_() for s in squares]
+
+
+class LocalNorms:
+    """Norms of directions held whole by this process: each taken in turn, in cache."""
+
+    sharded = False
+    all_reduces = 0  # collectives this strategy issued (none)
+
+    def local(self, d: Tensor) -> Tensor:
+        return d
+
+    def radius(self, d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
+        return radius
+
+    def norms(self, tensors: Sequence[Tensor]) -> list[Tensor] | None:
+        """None: the retraction norms each tensor itself, right before rescaling it."""
+        return None
+
+    def agree(self, bad_here: bool, device: torch.device) -> bool:
+        return bad_here
+
+
+class ShardedNorms:
+    """Norms of FSDP2-sharded directions: local squares, one all-reduce per process group.
+
+    ``all_reduces`` counts the collectives issued (a public seam for tests and logs).
+    """
+
+    sharded = True
+
+    def __init__(
+        self,
+        directions: Sequence[Tensor],
+        spheres: Sequence[str | Sphere],
+        layouts: Sequence[str | Layout],
+    ) -> None:
+        self.spheres, self.layouts = list(spheres), list(layouts)
+        self.plan = reduce_plan(directions, self.spheres, self.layouts)
+        self.norms_are_global = all(
+            norms_are_global(d, s, lay) for d, s, lay in zip(directions, spheres, layouts)
+        )
+        self.all_reduces = 0
+
+    def local(self, d: Tensor) -> Tensor:
+        return d.to_local()
+
+    def radius(self, d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
+        return local_radius(d, layout, radius)
+
+    def norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        self.all_reduces += len(self.plan)
+        return sharded_norms(tensors, self.plan, self.spheres, self.layouts)
+
+    def agree(self, bad_here: bool, device: torch.device) -> bool:
+        """Whether any rank saw a bad norm (every rank then raises together)."""
+        return bad_here if self.norms_are_global else any_rank(bad_here, device)
+
+
+def norm_strategy(
+    directions: Sequence[Tensor],
+    spheres: Sequence[str | Sphere],
+    layouts: Sequence[str | Layout],
+) -> LocalNorms | ShardedNorms:
+    """How the norms of these directions are taken: locally, or across the ranks that shard them."""
+    sharded = [is_sharded(d) for d in directions]
+    if not any(sharded):
+        return LocalNorms()
+    if not all(sharded):
+        raise ValueError(
+            "mdparam.Retraction: some directions are FSDP2-sharded and some are not; "
+            "shard the whole registered model (fully_shard on its blocks and root)"
+        )
+    return ShardedNorms(directions, spheres, layouts)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -10,19 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .distributed import (
-    any_rank,
-    is_sharded,
-    local_radius,
-    norms_are_global,
-    reduce_plan,
-    sharded_norms,
-)
+from .distributed import norm_strategy
 from .layouts import to_matrix, write_back
 from .sphere import sphere_norm
 from .tree import registered, unique_directions
 
-__all__ = ["Retraction", "RetractionError", "retract_"]
+__all__ = ["RelativeStep", "Retraction", "RetractionError", "relative_step_", "retract_"]
 
 
 Selector = str | Iterable[str] | Callable[[str], bool]
@@ -122,10 +115,10 @@ class Retraction:
     ``compile="auto"`` (default) compiles on accelerators, where one graph
     saves a kernel launch per tensor, and runs eagerly on the CPU, where
     inductor's single fused kernel norms every tensor before rescaling any and
-    so re-reads them from memory: measured on the benchmark GPT, eager runs at
-    1.05x a plain copy of the same bytes and the compiled graph at 1.3x, after
-    2-5 s of compiling (``benchmarks/speed.py``, default allocator). bf16/fp16 directions are
-    normed and rescaled in fp32.
+    so re-reads them from memory (the README's performance section has the
+    measurements). bf16/fp16 directions are normed and rescaled in fp32.
+    Under FSDP2 the norms of sharded directions are reduced across ranks
+    (:class:`mdparam.distributed.ShardedNorms`).
 
     Build it after :func:`mdparam.register` and call it after every optimizer
     step, or let :meth:`attach` do that.
@@ -169,62 +162,49 @@ class Retraction:
         check: bool = True,
         relative_step: bool | Selector = False,
     ) -> None:
-        entries = registered(model)
+        entries = unique_directions(registered(model))
         if not entries:
             raise ValueError(
                 "mdparam.Retraction: the model has no MD-parametrized tensor; call "
                 "mdparam.register(model) first"
             )
-        self.names: list[str] = []
-        self.directions: list[nn.Parameter] = []
-        self._params: list[nn.Module] = []  # radii are read from these at every call
-        self._spheres: list[str] = []
-        self._layouts: list[str] = []
-        for e in unique_directions(entries):
-            self.names.append(e.name)
-            self.directions.append(e.direction)
-            self._params.append(e.parametrization)
-            self._spheres.append(e.config.sphere)
-            self._layouts.append(e.config.layout)
+        self.names = [e.name for e in entries]
+        self.directions: list[nn.Parameter] = [e.direction for e in entries]
+        self.spheres = [e.config.geometry.sphere for e in entries]
+        self.layouts = [e.config.geometry.layout for e in entries]
+        self._params = [e.parametrization for e in entries]  # radii are read at every call
+        self.norms = norm_strategy(self.directions, self.spheres, self.layouts)
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-        self.sharded = any(is_sharded(d) for d in self.directions)
         if compile == "auto":
-            compile = self.directions[0].device.type != "cpu" and not self.sharded
+            compile = self.directions[0].device.type != "cpu" and not self.norms.sharded
+        if compile and self.norms.sharded:
+            raise ValueError(
+                "mdparam.Retraction: compile=True is not supported for FSDP2-sharded "
+                "directions; use compile=False (or 'auto')"
+            )
         self.compiled = bool(compile)
         self.check = check
-        self._rel = _relative_indices(relative_step, self.names)
-        self.relative_step = bool(self._rel)
-        self.relative_all = len(self._rel) == len(self.directions)
-        self._fn: Callable[..., list[Tensor]] = retract_
-        self._step_fn: Callable[..., None] = relative_step_
-        self._global_norms = True
-        if self.sharded:
-            if not all(is_sharded(d) for d in self.directions):
-                raise ValueError(
-                    "mdparam.Retraction: some directions are FSDP2-sharded and some are not; "
-                    "shard the whole registered model (fully_shard on its blocks and root)"
-                )
-            if self.compiled:
-                raise ValueError(
-                    "mdparam.Retraction: compile=True is not supported for FSDP2-sharded "
-                    "directions; use compile=False (or 'auto')"
-                )
-            self._global_norms = all(
-                norms_are_global(d, s, lay)
-                for d, s, lay in zip(self.directions, self._spheres, self._layouts)
-            )
-            self._plan = reduce_plan(self.directions, self._spheres, self._layouts)
-            self._rel_plan = reduce_plan(*self._relative(self.directions))
-        elif self.compiled:
-            self._fn = torch.compile(retract_, fullgraph=True, dynamic=False)
-            self._step_fn = torch.compile(relative_step_, fullgraph=True, dynamic=False)
-        self._previous: list[Tensor] | None = None  # relative step: D before the step
-        self._pending = False  # relative step: a step was taken since D was recorded
-        self._groups: list[dict] = []  # relative step: each direction's param group
-        self._lr_sources: list[tuple[dict, Tensor]] = []  # (param group, its lr as a tensor)
-        self._lrs: list[Tensor] = []
+        self._fn = torch.compile(retract_, fullgraph=True, dynamic=False) if compile else retract_
+        chosen = _relative_indices(relative_step, self.names)
+        self.relative = RelativeStep(self, chosen, compile=self.compiled) if chosen else None
+        self.calls = 0  # retractions run (a public seam for tests and logs)
         self._attached = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.norms.sharded
+
+    @property
+    def relative_step(self) -> bool:
+        """Whether any direction takes the relative step."""
+        return self.relative is not None
+
+    @property
+    def all_reduces(self) -> int:
+        """Collectives issued for sharded norms so far (0 when nothing is sharded)."""
+        rel = self.relative.norms.all_reduces if self.relative is not None else 0
+        return self.norms.all_reduces + rel
 
     @property
     def attached(self) -> bool:
@@ -233,61 +213,39 @@ class Retraction:
 
     def radii(self) -> list[float | Tensor]:
         """Each direction's radius now (a float, or this rank's part of a radius tensor)."""
-        radii = [p.sphere_radius() for p in self._params]
-        if self.sharded:
-            radii = [
-                local_radius(d, lay, r) for d, lay, r in zip(self.directions, self._layouts, radii)
-            ]
-        return radii
+        return [
+            self.norms.radius(d, lay, p.sphere_radius())
+            for d, lay, p in zip(self.directions, self.layouts, self._params)
+        ]
+
+    def local(self) -> list[Tensor]:
+        """This rank's part of every direction (the directions themselves when unsharded)."""
+        return [self.norms.local(d) for d in self.directions]
+
+    def retract_tensors(self, relative_lrs: Sequence[Tensor | float] | None = None) -> list[Tensor]:
+        """The retraction's tensor work, with no checks and no Python-side state.
+
+        With ``relative_lrs`` (one per relative-step direction, see
+        :meth:`RelativeStep.current_lrs`), the recorded step is rescaled first.
+        Returns the norms used, for :meth:`check_norms`. This is what a
+        compiled optimizer step captures (:func:`mdparam.compile_step`).
+        """
+        local, radii = self.local(), self.radii()
+        if relative_lrs is not None and self.relative is not None:
+            self.relative.apply(local, radii, relative_lrs)
+        fn = retract_ if torch.compiler.is_compiling() else self._fn  # inside a traced step
+        return fn(local, self.spheres, self.layouts, radii, self.norms.norms(local))
 
     @torch.no_grad()
     def __call__(self) -> None:
-        radii = self.radii()
-        if self.sharded:
-            local = [d.to_local() for d in self.directions]
-
-            def norm_fn(tensors: list[Tensor]) -> list[Tensor]:
-                return sharded_norms(tensors, self._plan, self._spheres, self._layouts)
-
-        else:
-            local, norm_fn = self.directions, None
-        if self.relative_step:
-            if self._previous is None:
-                raise RuntimeError(
-                    "mdparam.Retraction(relative_step=True) needs the directions from before "
-                    "the step: use retract.attach(optimizer), which records them"
-                )
-            if self._pending:  # once per recorded step: a second call only retracts
-                for group, lr in self._lr_sources:
-                    lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
-                moved, spheres, layouts = self._relative(local)
-                args = (moved, self._previous, spheres, layouts, self._relative_only(radii))
-                if self.sharded:
-                    self._step_fn(*args, self._lrs, self._relative_norm_fn)
-                else:
-                    self._step_fn(*args, self._lrs)
-                self._pending = False
-        if self.sharded:
-            norms = self._fn(local, self._spheres, self._layouts, radii, norm_fn(local))
-        else:
-            norms = self._fn(local, self._spheres, self._layouts, radii)
+        """Retract every direction (after the relative step, if one was recorded); check norms."""
+        lrs = None
+        if self.relative is not None:
+            lrs = self.relative.take_recorded()
+        norms = self.retract_tensors(lrs)
+        self.calls += 1
         if self.check:
             self.check_norms(norms)
-
-    def _relative_only(self, items: Sequence[Any]) -> list[Any]:
-        return [items[i] for i in self._rel]
-
-    def _relative(self, tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[str], list[str]]:
-        """The relative-step directions among ``tensors``, with their spheres and layouts."""
-        return (
-            self._relative_only(tensors),
-            self._relative_only(self._spheres),
-            self._relative_only(self._layouts),
-        )
-
-    def _relative_norm_fn(self, tensors: list[Tensor]) -> list[Tensor]:
-        _, spheres, layouts = self._relative(self.directions)
-        return sharded_norms(tensors, self._rel_plan, spheres, layouts)
 
     def check_norms(self, norms: list[Tensor]) -> None:
         """Raise :class:`RetractionError` if any norm the retraction saw was zero or not finite.
@@ -298,14 +256,12 @@ class Retraction:
         """
         flat = torch.cat([n.reshape(-1) for n in norms])
         bad_here = not bool(torch.isfinite(flat).all() & (flat > 0).all())
-        if self.sharded and not self._global_norms:
-            bad_anywhere = any_rank(bad_here, flat.device)
-            if bad_anywhere and not bad_here:
-                raise RetractionError(
-                    "mdparam.Retraction: another rank found a direction with a zero or non-finite "
-                    "norm after the optimizer step; see that rank's error for the layer. Lower "
-                    "the learning rate, clip gradients, or check the data for inf/NaN"
-                )
+        if self.norms.agree(bad_here, flat.device) and not bad_here:
+            raise RetractionError(
+                "mdparam.Retraction: another rank found a direction with a zero or non-finite "
+                "norm after the optimizer step; see that rank's error for the layer. Lower "
+                "the learning rate, clip gradients, or check the data for inf/NaN"
+            )
         if bad_here:
             bad = [
                 name
@@ -319,49 +275,10 @@ class Retraction:
                 "rate, clip gradients, or check the data for inf/NaN"
             )
 
-    def _groups_of(self, optimizer: torch.optim.Optimizer) -> tuple[dict[int, dict], list[str]]:
-        """``optimizer``'s param group of each parameter (by id), and the directions it lacks."""
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
-        return group_of, missing
-
-    def bind_lrs(self, optimizer: torch.optim.Optimizer) -> None:
-        """Relative-step mode: read each direction's learning rate from ``optimizer``'s groups."""
-        group_of, _ = self._groups_of(optimizer)
-        moved = self._relative_only(self.directions)
-        missing = [
-            n for n, d in zip(self._relative_only(self.names), moved) if id(d) not in group_of
-        ]
-        if missing:
-            raise ValueError(
-                f"mdparam.Retraction(relative_step=...): the optimizer does not hold the "
-                f"directions of {missing[:3]}; in relative-step mode one optimizer must step "
-                "every direction that takes the relative step"
-            )
-        self._groups = [group_of[id(d)] for d in moved]
-        lr_of_group: dict[int, Tensor] = {}
-        self._lr_sources, self._lrs = [], []
-        for d, g in zip(moved, self._groups):
-            if id(g) not in lr_of_group:
-                lr_of_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
-                self._lr_sources.append((g, lr_of_group[id(g)]))
-            self._lrs.append(lr_of_group[id(g)])
-
-    def current_lrs(self) -> list[Tensor | float]:
-        """Each direction's relative step now: its group's lr over any ``mdparam_lr_scale``."""
-        return [g["lr"] / g.get("mdparam_lr_scale", 1.0) for g in self._groups]
-
-    def _prepare_relative(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
-        """Relative-step mode: bind the LRs and allocate the record of D before each step."""
-        self.bind_lrs(optimizer)
-        local = [d.to_local() if self.sharded else d for d in self._relative_only(self.directions)]
-        self._previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
-        return self._previous
-
-    def _after_step(self) -> None:
-        """Finish an optimizer step whose directions were recorded: relative step, then retract."""
-        self._pending = self.relative_step
-        self()
+    def missing(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Names of the directions ``optimizer`` does not hold."""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        return [n for n, d in zip(self.names, self.directions) if id(d) not in held]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> _Handles:
         """Run the retraction after every ``optimizer.step()``.
@@ -369,39 +286,137 @@ class Retraction:
         ``optimizer`` must hold the directions (with Muon's recipe, attach to
         the Muon optimizer). Returns a handle whose ``remove()`` detaches it.
 
-        With ``relative_step=True`` this also records every direction before
-        each step (one extra copy of the directions in memory) and, after it,
-        rescales the step to ``lr x R`` with ``lr`` read from each
-        direction's param group at that step (divided by
-        ``"mdparam_lr_scale"`` where :func:`muon_param_groups` set one).
+        With ``relative_step`` this also records those directions before
+        each step (one extra copy of them in memory) and, after it, rescales
+        the step to ``lr x R`` with ``lr`` read from each direction's param
+        group at that step (divided by ``"mdparam_lr_scale"`` where
+        :func:`muon_param_groups` or :func:`param_groups` set one).
         """
-        _, missing = self._groups_of(optimizer)
-        if len(missing) == len(self.directions):
+        if len(self.missing(optimizer)) == len(self.directions):
             raise ValueError(
                 "mdparam.Retraction.attach: this optimizer holds none of the model's directions. "
                 "Build it from mdparam.param_groups(model, ...) after mdparam.register(model) "
                 "(and after fully_shard/DDP), build the Retraction after that too, and attach it "
                 "to the optimizer that steps the directions"
             )
-        if not self.relative_step:
-
-            def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-                self()
-
-            return _Handles(self, [optimizer.register_step_post_hook(post)])
-
-        self._prepare_relative(optimizer)
-
-        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            with torch.no_grad():
-                for prev, d in zip(self._previous, self._relative_only(self.directions)):
-                    prev.copy_(d.to_local() if self.sharded else d)
 
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._after_step()
+            self()
+
+        if self.relative is None:
+            return _Handles(self, [optimizer.register_step_post_hook(post)])
+        self.relative.bind(optimizer)
+
+        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.relative.record()
 
         handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
         return _Handles(self, handles)
+
+
+class RelativeStep:
+    """The relative step of some directions: D <- D_prev + lr R U / ||U||, U = D - D_prev.
+
+    :meth:`bind` reads each direction's learning rate from the optimizer's
+    groups; :meth:`record` keeps D before a step; the owning
+    :class:`Retraction` then applies the rescaled step before it retracts.
+    """
+
+    def __init__(self, owner: Retraction, indices: list[int], *, compile: bool = False) -> None:
+        self.indices = indices
+        self.names = [owner.names[i] for i in indices]
+        self.directions = [owner.directions[i] for i in indices]
+        self.spheres = [owner.spheres[i] for i in indices]
+        self.layouts = [owner.layouts[i] for i in indices]
+        self.norms = norm_strategy(self.directions, self.spheres, self.layouts)
+        self.covers_all = len(indices) == len(owner.directions)
+        self.previous: list[Tensor] | None = None
+        self.recorded = False
+        self._groups: list[dict] = []
+        self._lrs: list[Tensor] = []  # one 0-d tensor per group, filled from it before a step
+        self._lr_sources: list[tuple[dict, Tensor]] = []
+        self._fn = (
+            torch.compile(relative_step_, fullgraph=True, dynamic=False)
+            if compile
+            else relative_step_
+        )
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """Read the learning rates from ``optimizer``; allocate the record of D. Returns it."""
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
+        if missing:
+            raise ValueError(
+                f"mdparam.Retraction(relative_step=...): the optimizer does not hold the "
+                f"directions of {missing[:3]}; in relative-step mode one optimizer must step "
+                "every direction that takes the relative step"
+            )
+        self._groups = [group_of[id(d)] for d in self.directions]
+        by_group: dict[int, Tensor] = {}
+        self._lr_sources, self._lrs = [], []
+        for d, g in zip(self.directions, self._groups):
+            if id(g) not in by_group:
+                by_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
+                self._lr_sources.append((g, by_group[id(g)]))
+            self._lrs.append(by_group[id(g)])
+        local = [self.norms.local(d) for d in self.directions]
+        self.previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
+        return self.previous
+
+    def copy_previous(self) -> None:
+        """D into the record (tensor work only: a compiled step captures it)."""
+        for prev, d in zip(self.previous, self.directions):
+            prev.copy_(self.norms.local(d))
+
+    @torch.no_grad()
+    def record(self) -> None:
+        """Keep D before the step the optimizer is about to take."""
+        if self.previous is None:
+            raise RuntimeError(
+                "mdparam.Retraction(relative_step=...) needs the directions from before "
+                "the step: use retract.attach(optimizer), which records them"
+            )
+        self.copy_previous()
+        self.recorded = True
+
+    def mark_recorded(self) -> None:
+        """Say that :meth:`copy_previous` ran (inside a compiled step)."""
+        self.recorded = True
+
+    def current_lrs(self) -> list[Tensor | float]:
+        """Each direction's relative step now: its group's lr over any ``mdparam_lr_scale``."""
+        return [g["lr"] / g.get("mdparam_lr_scale", 1.0) for g in self._groups]
+
+    def take_recorded(self) -> list[Tensor] | None:
+        """The learning rates for the recorded step (once per step), or None if none was."""
+        if self.previous is None:
+            raise RuntimeError(
+                "mdparam.Retraction(relative_step=...) needs the directions from before "
+                "the step: use retract.attach(optimizer), which records them"
+            )
+        if not self.recorded:
+            return None
+        self.recorded = False
+        for group, lr in self._lr_sources:
+            lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
+        return self._lrs
+
+    def apply(
+        self, local: list[Tensor], radii: list[float | Tensor], lrs: Sequence[Tensor | float]
+    ) -> None:
+        """Rescale the recorded step of the chosen directions (``local``, ``radii``: all)."""
+        pick = self.indices
+        norm_fn = self.norms.norms if self.norms.sharded else None
+        fn = relative_step_ if torch.compiler.is_compiling() else self._fn
+        fn(
+            [local[i] for i in pick],
+            self.previous,
+            self.spheres,
+            self.layouts,
+            [radii[i] for i in pick],
+            list(lrs),
+            norm_fn,
+        )
 
 
 class _Handles:

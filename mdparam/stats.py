@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -11,9 +12,7 @@ from .layouts import to_matrix
 from .maps import apply_gain_map
 from .tree import full_tensor, registered, unique_directions, unwrap
 
-__all__ = ["stats"]
-
-_STATE = "_mdparam_stats_previous"  # attribute on each parametrization: the last call's record
+__all__ = ["Stats", "stats"]
 
 
 def _sketch_matrix(
@@ -49,6 +48,10 @@ def stats(
     default 32 rows). ``exact=True`` keeps a full copy of every direction
     instead. Under FSDP2 call it on every rank (it gathers the directions).
 
+    This function is stateful: it remembers each model's last record (in a
+    table outside the model, dropped with the model). :class:`Stats` keeps
+    the record in an object you hold instead.
+
     Example:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
@@ -62,6 +65,58 @@ def stats(
         >>> 0 < mdparam.stats(model)["mdparam/direction_step"] < 1
         True
     """
+    records = _RECORDS.setdefault(unwrap(model), {})
+    return _collect(model, records, exact=exact, sketch_rows=sketch_rows, per_layer=per_layer)
+
+
+class Stats:
+    """:func:`stats` with its record of the previous directions held here, not in a global table.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = mdparam.register(model, init="sphere")
+        >>> tracker = mdparam.Stats(model, exact=True)
+        >>> "mdparam/direction_step" in tracker()
+        False
+        >>> tracker()["mdparam/direction_step"]  # nothing moved since the last call
+        0.0
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        exact: bool = False,
+        sketch_rows: int = 32,
+        per_layer: bool = True,
+    ) -> None:
+        self.model = model
+        self.exact, self.sketch_rows, self.per_layer = exact, sketch_rows, per_layer
+        self.records: dict[str, tuple[str, Tensor]] = {}  # layer name -> the last call's record
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        return _collect(
+            self.model,
+            self.records,
+            exact=self.exact,
+            sketch_rows=self.sketch_rows,
+            per_layer=self.per_layer,
+        )
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stats()'s per-model records
+
+
+def _collect(
+    model: nn.Module,
+    records: dict[str, tuple[str, Tensor]],
+    *,
+    exact: bool,
+    sketch_rows: int,
+    per_layer: bool,
+) -> dict[str, float]:
     keys: list[tuple[str | None, str]] = []  # (layer name or None, statistic) for each value
     values: list[Tensor] = []
     for e in unique_directions(registered(unwrap(model))):
@@ -76,7 +131,7 @@ def stats(
         else:
             s = _sketch_matrix(e.name, sketch_rows, d.shape[-2], d.dtype, d.device)
             record = ("sketch", s @ d)
-        previous = getattr(e.parametrization, _STATE, None)
+        previous = records.get(e.name)
         if (
             previous is not None
             and previous[0] == record[0]
@@ -84,8 +139,12 @@ def stats(
         ):
             keys.append((e.name, "direction_step"))
             values.append((record[1] - previous[1]).norm() / d.norm())
-        setattr(e.parametrization, _STATE, record)
+        records[e.name] = record
     numbers = torch.stack(values).tolist() if values else []  # one read-back for everything
+    return _summarize(keys, numbers, per_layer)
+
+
+def _summarize(keys: list, numbers: list[float], per_layer: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     per: dict[str, list[float]] = {}
     for (name, key), value in zip(keys, numbers):

@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import FusedExperts, sphere_error, tiny_gpt  # noqa: E402
 
 import mdparam  # noqa: E402
-import mdparam.distributed as mddist  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 64
 
@@ -91,26 +90,12 @@ def train(
 
 def scenario_train(rank: int, world: int, mode: str, outdir: Path, compile: bool = False) -> None:
     model, fwd, opt, sched, retract = build(mode, world, compile)
-    calls = {"n": 0, "retractions": 0}
-    inner, real = retract._fn, mddist._all_reduce
-
-    def counting_all_reduce(flat, group):  # only mdparam's sharded norms call this
-        calls["n"] += 1
-        real(flat, group)
-
-    def counted(*args):
-        calls["retractions"] += 1
-        return inner(*args)
-
-    mddist._all_reduce = counting_all_reduce
-    retract._fn = counted
     steps = 10 if not compile else 3
     from torch._dynamo.utils import counters
 
-    try:
-        losses, sphere = train(model, fwd, opt, sched, mode, rank, world, range(steps))
-    finally:
-        mddist._all_reduce = real  # the "single" run shares the test process
+    losses, sphere = train(model, fwd, opt, sched, mode, rank, world, range(steps))
+    # the retraction's public counters: retractions run, collectives for sharded norms
+    calls = {"n": retract.all_reduces, "retractions": retract.calls}
     calls["graphs"] = counters["stats"]["unique_graphs"]
     calls["graph_breaks"] = sum(counters["graph_break"].values())
     path = mdparam.save_plain(model, outdir / f"{mode}.safetensors", overwrite=True)
@@ -254,17 +239,20 @@ def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
     def refusing_write(*args, **kwargs):  # rank 0 fails before reading any tensor
         raise PermissionError("simulated read-only directory")
 
-    real_cast, produced = ck._cast, {"n": 0}
+    real_write, produced = ck.write_file, {"n": 0}
 
-    def failing_cast(t, dtype):  # rank 0's disk fails after three tensors
-        produced["n"] += 1
-        if rank == 0 and produced["n"] == 4:
-            raise OSError("simulated disk error")
-        return real_cast(t, dtype)
+    def failing_write(path, specs, produce, *args, **kwargs):  # the disk fails at tensor 4
+        def failing_produce(name):
+            produced["n"] += 1
+            if produced["n"] == 4:
+                raise OSError("simulated disk error")
+            return produce(name)
+
+        return real_write(path, specs, failing_produce, *args, **kwargs)
 
     attempt("bad_metadata", {}, metadata={"step": 5})  # checked on every rank, before any gather
     attempt("before", {"write_file": refusing_write} if rank == 0 else {})
-    attempt("midway", {"_cast": failing_cast})
+    attempt("midway", {"write_file": failing_write} if rank == 0 else {})
     errors["tensors_before_failure"] = produced["n"]
     mdparam.save_plain(model, outdir / "after.safetensors")  # the group still works
     (outdir / f"save_fails_{rank}.json").write_text(json.dumps(errors))

@@ -49,7 +49,10 @@ def test_each_layer_kind(kind):
     plain_twin = copy.deepcopy(layer)
     before = layer(x)
     names = mdparam.register(layer, layers="all")
-    assert names
+    expected = {"experts": ["gate_up_proj", "down_proj"], "custom": ["kernel"]}.get(
+        kind, ["weight"]
+    )
+    assert names == expected
     assert rel_err(layer(x), before) <= 1e-5  # function preserved
 
     opt = torch.optim.SGD(mdparam.param_groups(layer, lr=0.5))

@@ -47,7 +47,7 @@ def test_compiled_training_has_no_graph_breaks_and_no_recompiles():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(22):
             step()
-            for d, sphere, radius in zip(retract.directions, retract._spheres, retract.radii()):
+            for d, sphere, radius in zip(retract.directions, retract.spheres, retract.radii()):
                 assert (
                     float((sphere_norm(d.detach(), sphere) - radius).abs().max()) <= 1e-5 * radius
                 )

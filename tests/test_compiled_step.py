@@ -7,6 +7,10 @@ import torch
 import torch._dynamo
 from conftest import byte_batches, rel_err, sphere_error, tiny_gpt
 from torch._dynamo.utils import counters
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 import mdparam
 
@@ -141,4 +145,57 @@ def test_an_attached_retraction_is_refused():
     with pytest.raises(ValueError, match="would run twice"):
         mdparam.compile_step(opt, retract)
     handle.remove()
-    assert mdparam.compile_step(opt, retract, compile=False)
+    step = mdparam.compile_step(opt, retract, compile=False)  # detached: accepted
+    x = torch.randint(0, 64, (2, 16))
+    model.loss(x, x).backward()
+    step()
+    assert retract.calls == 1 and sphere_error(model) <= 1e-5
+
+
+# --- what compile_step relies on in torch.optim (mdparam/torch_optim.py) ---------------------
+
+
+def test_compile_step_runs_every_step_hook_once_in_torchs_order():
+    model = tiny_gpt()
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.01))
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda *a: seen.append("global pre")),
+        opt.register_step_pre_hook(lambda *a: seen.append("pre")),
+        opt.register_step_post_hook(lambda *a: seen.append("post")),
+        register_optimizer_step_post_hook(lambda *a: seen.append("global post")),
+    ]
+    try:
+        opt.step()  # torch's own order, for reference
+        torchs_order, seen[:] = list(seen), []
+        step = mdparam.compile_step(opt, mdparam.Retraction(model), compile=False)
+        step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert torchs_order == ["global pre", "pre", "post", "global post"]
+    assert seen == torchs_order
+
+
+def test_the_undecorated_step_runs_no_hooks_and_schedulers_see_the_step():
+    import warnings
+
+    from mdparam.torch_optim import undecorated_step
+
+    model = tiny_gpt()
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.01))
+    seen = []
+    opt.register_step_pre_hook(lambda *a: seen.append("pre"))
+    with torch.no_grad():
+        undecorated_step(opt)(opt)
+    assert seen == []  # torch's wrapper, not the body, runs the hooks
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    step = mdparam.compile_step(opt, mdparam.Retraction(model), compile=False)
+    x = torch.randint(0, 64, (2, 16))
+    model.loss(x, x).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise
+        step()
+        sched.step()

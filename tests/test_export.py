@@ -88,13 +88,14 @@ def test_export_covers_other_configurations(tmp_path, gains, sphere, gain_map, r
 
 def test_plain_state_dict_leaves_the_model_untouched():
     model, _ = trained()
+    registered_before = [e.name for e in mdparam.registered(model)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sd = mdparam.plain_state_dict(model)
     assert not any("parametrizations" in k for k in sd)
     assert set(sd) == set(fresh_plain(model).state_dict())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert mdparam.registered(model)
+    assert [e.name for e in mdparam.registered(model)] == registered_before
 
 
 def test_save_plain_header_cast_and_metadata(tmp_path):
@@ -186,6 +187,7 @@ def test_load_plain_starts_from_the_pretrained_function(tmp_path):
     assert float(d.detach().norm()) == pytest.approx(32**0.5, rel=1e-5)
 
 
+@pytest.mark.slow  # starts a process with a process group
 def test_compiled_and_ddp_wrappers_are_seen_through():
     model, _ = trained()
     compiled = torch.compile(model)  # never called: only the names matter here
@@ -197,8 +199,7 @@ def test_compiled_and_ddp_wrappers_are_seen_through():
         sys.path.insert(0, "tests"); sys.path.insert(0, ".")
         from conftest import tiny_gpt
         import mdparam
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port
         model = tiny_gpt(); mdparam.register(model)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         sd = mdparam.plain_state_dict(ddp)

@@ -182,16 +182,16 @@ def test_deepcopy_works_and_removing_from_the_copy_leaves_the_original_intact():
 def test_remove_gives_back_plain_modules_with_the_same_function():
     model = tiny_gpt()
     plain_names = sorted(n for n, _ in model.named_parameters())
-    mdparam.register(model)
+    names = mdparam.register(model)
     opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-2))
     model.loss(TOKENS, TOKENS).backward()
     opt.step()
     before = model(TOKENS)
-    mdparam.remove(model)
+    assert mdparam.remove(model) == names
     assert not any(type(m).__name__.startswith("Parametrized") for m in model.modules())
     assert sorted(n for n, _ in model.named_parameters()) == plain_names
     assert rel_err(model(TOKENS), before) <= 1e-6
-    assert mdparam.register(model)  # and it can be registered again
+    assert mdparam.register(model) == names  # and it can be registered again
 
 
 def test_failed_register_leaves_the_model_as_it_was():
@@ -324,14 +324,14 @@ def test_bad_options_are_refused(kwargs, match):
         mdparam.register(nn.Linear(4, 4), **kwargs)
 
 
+@pytest.mark.slow  # starts a process with a process group
 def test_fsdp2_sharded_model_is_refused():
     script = textwrap.dedent(
         """
         import os, torch, torch.distributed as dist
         from torch.distributed.fsdp import fully_shard
         import mdparam
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         fully_shard(model)
         try:
