@@ -3,13 +3,18 @@
     ./run python benchmarks/ablation.py              # every row (resumes)
     ./run python benchmarks/ablation.py --report     # table and plot only
 
-The recipe is examples/training.py's MD setup (mdparam.recipe with the
-RunConfig defaults: the paper's start, gain LR 3e-3, residual output
-projections on a 1/sqrt(2L) sphere, embeddings and head plain, clipping on
-the fused weights). Each row changes one knob, for md-muon, md-adamw and
-md-adamw-relative, at width 128 (depth 2, 500 steps of 8x128 bytes) and a
-fixed direction LR per method (LRS, near each method's optimum). The Muon
-and AdamW baselines run beside them at their own best LRs, for scale.
+The recipe is mdparam.recipe's defaults as examples/training.py uses them
+(RECIPE below: the paper's start, gain LR 1e-3, residual output projections
+on a 1/sqrt(2L) sphere, clipping on the fused weights, and embeddings and
+head on a unit row sphere with head gains for Muon, plain for AdamW). Each
+row changes one knob, for md-muon, md-adamw and md-adamw-relative, at width
+128 (depth 2, 500 steps of 8x128 bytes) and a fixed direction LR per method
+(LRS, near each method's optimum). The Muon and AdamW baselines run beside
+them at their own best LRs, with knobs of their own tried the same way.
+
+``--results`` with another file keeps a separate ablation: the first round,
+which chose the defaults from a recipe with gain LR 3e-3 and embeddings and
+head plain for every method, is benchmarks/results/ablation_round1.json.
 
 Results: benchmarks/results/ablation.json, ablation.md (the README's
 table), ablation.png.
@@ -33,16 +38,41 @@ from examples.training import RunConfig
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")
 BASELINES = {"muon": 0.0283, "adamw": 0.002}  # their best LRs at width 128 (reproduce.json)
 LRS = {"md-muon": 0.0424, "md-adamw": 0.000707, "md-adamw-relative": 0.004}
-VARIANTS: dict[str, dict] = {  # label -> the knob changed from the recipe
+RECIPE = {  # the knobs each MD run starts from, per method (mdparam.recipe's defaults)
+    m: {
+        "init": "sphere",
+        "gain_lr": 1e-3,
+        "out_scale": True,
+        "embed_head": "sphere-gains" if m == "md-muon" else "plain",
+        "clip_scope": "fused",
+    }
+    for m in METHODS
+}
+VARIANTS: dict[str, dict] = {  # label -> the knob changed; a row equal to a recipe is skipped
     "recipe": {},
     "init: preserve": {"init": "preserve"},
     "gain LR 1e-3": {"gain_lr": 1e-3},
+    "gain LR 3e-3": {"gain_lr": 3e-3},
     "gain LR 1e-2": {"gain_lr": 1e-2},
     "output projections: sphere not scaled": {"out_scale": False},
+    "embeddings + head: plain": {"embed_head": "plain"},
     "embeddings + head: unit row sphere": {"embed_head": "sphere"},
     "embeddings + head: unit row sphere, head gains": {"embed_head": "sphere-gains"},
     "clipping: all parameters' gradients": {"clip_scope": "all"},
 }
+
+
+def md_rows() -> list[tuple[str, str, dict]]:
+    """(method, label, knobs) of every MD row, leaving out changes that are the recipe itself."""
+    rows = []
+    for m in METHODS:
+        for label, change in VARIANTS.items():
+            if change and all(RECIPE[m][k] == v for k, v in change.items()):
+                continue
+            rows.append((m, label, {**RECIPE[m], **change}))
+    return rows
+
+
 # The baselines get knobs of their own, tried the same way, so both sides are tuned.
 BASELINE_VARIANTS: dict[str, dict[str, dict]] = {
     "muon": {
@@ -63,27 +93,28 @@ SETTINGS = {"width": 128, "depth": 2, "heads": 4, "block": 128, "batch": 8, "ste
 
 def jobs(seeds: int) -> list[dict]:
     out = []
-    rows = [(m, label, LRS[m], knobs) for m in METHODS for label, knobs in VARIANTS.items()]
-    rows += [(m, "baseline", lr, {}) for m, lr in BASELINES.items()]
+    rows = [(m, "baseline", lr, {}) for m, lr in BASELINES.items()]
     rows += [
         (m, label, BASELINES[m], knobs)
         for m, variants in BASELINE_VARIANTS.items()
         for label, knobs in variants.items()
     ]
-    for seed in range(seeds):
-        for method, label, lr, knobs in rows:
-            cfg = RunConfig(
-                method=method,
-                lr=lr,
-                seed=seed,
-                compile=False,
-                eval_batches=16,
-                threads=1,
-                **SETTINGS,
-                **knobs,
-            )
-            key = f"{method}|{label}|s{seed}"
-            out.append({"key": key, "config": asdict(cfg), "label": label})
+    md = [(m, label, LRS[m], knobs) for m, label, knobs in md_rows()]
+    for group in (rows, md):  # the baselines' rows first: the reproduction needs their knobs
+        for seed in range(seeds):
+            for method, label, lr, knobs in group:
+                cfg = RunConfig(
+                    method=method,
+                    lr=lr,
+                    seed=seed,
+                    compile=False,
+                    eval_batches=16,
+                    threads=1,
+                    **SETTINGS,
+                    **knobs,
+                )
+                key = f"{method}|{label}|s{seed}"
+                out.append({"key": key, "config": asdict(cfg), "label": label})
     return out
 
 
@@ -110,12 +141,14 @@ def report(data: dict, out_dir: Path) -> str:
         "| change from the recipe | " + " | ".join(METHODS) + " |",
         "|---|" + "---|" * len(METHODS),
     ]
-    for label in VARIANTS:
+    labels = [lab for lab in VARIANTS if any((m, lab) in s for m in METHODS)]
+    labels += sorted({lab for m, lab in s if m in METHODS and lab not in VARIANTS})
+    for label in labels:
         cells = []
         for m in METHODS:
             row, base = s.get((m, label)), s.get((m, "recipe"))
             if row is None:
-                cells.append("–")
+                cells.append("(the recipe)" if _is_recipe(m, label) else "–")
                 continue
             delta = (
                 "" if label == "recipe" or base is None else f" ({row['mean'] - base['mean']:+.3f})"
@@ -148,6 +181,11 @@ def report(data: dict, out_dir: Path) -> str:
     return text
 
 
+def _is_recipe(method: str, label: str) -> bool:
+    change = VARIANTS.get(label)
+    return bool(change) and all(RECIPE[method][k] == v for k, v in change.items())
+
+
 def baseline_table(s: dict) -> str:
     lines = [
         "| baseline: change from its recipe | val loss (change) |",
@@ -174,7 +212,7 @@ def plot(s: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(VARIANTS)
+    labels = [lab for lab in VARIANTS if any((m, lab) in s for m in METHODS)]
     fig, axes = plt.subplots(1, len(METHODS), figsize=(5.2 * len(METHODS), 4.2), sharey=True)
     for ax, m in zip(axes, METHODS):
         for i, label in enumerate(labels):
@@ -212,7 +250,7 @@ def main() -> None:
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = load(path)
-    settings = {**SETTINGS, "lrs": LRS, "baselines": BASELINES}
+    settings = {**SETTINGS, "lrs": LRS, "baselines": BASELINES, "recipe": RECIPE}
     if data["runs"] and data.get("settings") != settings:
         raise SystemExit(
             f"{path} holds runs made with other settings ({data.get('settings')}); pass "

@@ -51,7 +51,7 @@ class RunConfig:
     batch: int = 16
     steps: int = 1000
     lr: float | None = None  # None: the method's default below
-    gain_lr: float = 3e-3  # MD only
+    gain_lr: float = 1e-3  # MD only
     other_lr: float = 3e-3
     weight_decay: float = 0.1  # baselines only
     warmup_frac: float = 0.05  # baselines only
@@ -59,7 +59,9 @@ class RunConfig:
     # The MD recipe's knobs (mdparam.recipe; the ablation varies them one at a time):
     init: str = "sphere"  # "sphere" (the paper's start) or "preserve"
     out_scale: bool = True  # residual output projections on a 1/sqrt(2L) sphere
-    embed_head: str = "plain"  # "plain", "sphere" or "sphere-gains" (embeddings and head)
+    # embeddings and head: "plain", "sphere" or "sphere-gains"; None: mdparam.recipe's
+    # choice for the base optimizer (Muon: "sphere-gains", AdamW: "plain")
+    embed_head: str | None = None
     clip_scope: str = "fused"  # "fused" (dL/dW, the authors') or "all"
     seed: int = 0
     compile: bool = True
@@ -148,7 +150,7 @@ def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
         clip_scope=cfg.clip_scope,
         head="head",
         head_mode=cfg.embed_head,
-        embeddings="plain" if cfg.embed_head == "plain" else "sphere",
+        embeddings=None if cfg.embed_head is None else cfg.embed_head.split("-")[0],
         radius_scale=dict.fromkeys(OUTPUT_PROJECTIONS, scale) if cfg.out_scale else None,
         init=cfg.init,
     )

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from .clipping import CLIP_SCOPES, clip_grad_norm_
+from .kinds import Kinds
 from .optim import muon_param_groups, param_groups
 from .register import register
 from .retraction import Retraction
 from .tree import registered
 
-__all__ = ["BASE_OPTIMIZERS", "EMBEDDING_MODES", "HEAD_MODES", "Recipe", "recipe"]
+__all__ = ["BASE_OPTIMIZERS", "EMBEDDING_MODES", "HEAD_MODES", "BaseOptimizer", "Recipe", "recipe"]
 
-BASE_OPTIMIZERS = ("muon", "adamw")
 EMBEDDING_MODES = ("plain", "sphere")
 HEAD_MODES = ("plain", "sphere", "sphere-gains")
 
@@ -161,20 +161,71 @@ def _linear_decay(steps: int | None):
     return lambda step: max(0.0, 1.0 - step / steps)
 
 
+@dataclass(frozen=True)
+class BaseOptimizer:
+    """A base optimizer of the recipe, with the treatment of embeddings and head that
+    measured best with it (README, "What each default is worth")."""
+
+    name: str
+    head_mode: str
+    embeddings: str
+
+    def build(
+        self, model: nn.Module, hidden: list, aux: list, lrs: dict, relative: bool, options: dict
+    ) -> list[torch.optim.Optimizer]:
+        """The optimizers, the one holding the hidden directions last."""
+        aux_group = [
+            {"params": aux, "lr": lrs["other"], "weight_decay": 0.0, "mdparam_role": "direction"}
+        ][: bool(aux)]
+        if self.name == "muon":
+            if not hasattr(torch.optim, "Muon"):
+                raise RuntimeError("torch.optim.Muon needs torch >= 2.9; use optimizer='adamw'")
+            rest = param_groups(
+                model,
+                lr=lrs["other"],
+                gain_lr=lrs["gain"],
+                other_weight_decay=0.0,
+                roles=("gain", "other"),
+            )
+            adamw = torch.optim.AdamW(aux_group + rest, **options.get("adamw", {}))
+            muon_groups = muon_param_groups(model, lrs["direction"], hidden)
+            return [adamw, torch.optim.Muon(muon_groups, **options.get("muon", {}))]
+        groups = param_groups(
+            model,
+            lr=lrs["direction"],
+            gain_lr=lrs["gain"],
+            other_lr=lrs["other"],
+            other_weight_decay=0.0,
+        )
+        aux_ids = {id(p) for p in aux}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in aux_ids]
+        groups = [g for g in groups if g["params"]] + aux_group
+        return [torch.optim.AdamW(groups, **options.get("adamw", {}))]
+
+
+base_optimizer_of: Kinds[BaseOptimizer] = Kinds("optimizer", BaseOptimizer)
+# Muon: embeddings and head on a unit row sphere, the head with gains (the authors'
+# "embed row" setup); AdamW: both plain. Each choice is a row of benchmarks/ablation.py.
+base_optimizer_of.add(BaseOptimizer("muon", head_mode="sphere-gains", embeddings="sphere"))
+base_optimizer_of.add(BaseOptimizer("adamw", head_mode="plain", embeddings="plain"))
+BASE_OPTIMIZERS = base_optimizer_of.names
+
+
 def recipe(
     model: nn.Module,
     optimizer: str = "muon",
     *,
     lr: float,
     steps: int | None = None,
-    gain_lr: float = 3e-3,
+    gain_lr: float = 1e-3,
     other_lr: float = 3e-3,
     relative_step: bool = True,
     clip: float | None = 1.0,
     clip_scope: str = "fused",
     head: str | None = None,
-    head_mode: str = "plain",
-    embeddings: str = "plain",
+    head_mode: str | None = None,
+    embeddings: str | None = None,
     radius_scale: Mapping[str, float] | None = None,
     init: str = "sphere",
     include: Any = None,
@@ -191,34 +242,29 @@ def recipe(
     Args:
         model: an unregistered nn.Module; registered here, in place.
         optimizer: ``"muon"`` (torch.optim.Muon on the hidden directions with
-            the paper's step, AdamW on the rest) or ``"adamw"`` (AdamW on
-            everything).
-        lr: the hidden directions' learning rate. With Muon, and with AdamW
-            when ``relative_step``, it is their relative step per step.
-        steps: the length of the run: the LR decays linearly to 0 over it,
-            with no warmup. None keeps every LR constant.
-        gain_lr: the raw gains' learning rate (AdamW).
-        other_lr: AdamW's learning rate for everything else (embeddings,
-            norms, biases, the head, and their directions when on a sphere).
-        relative_step: AdamW only: take the hidden directions' step at
-            length ``lr x R`` (see :class:`mdparam.Retraction`).
-        clip: gradient-norm limit, or None.
-        clip_scope: ``"fused"`` measures the norm on the fused weights'
-            gradients, as the authors do; ``"all"`` on directions and gains
-            (see :func:`mdparam.clip_grad_norm_`).
-        head: a glob naming the output layer (``"head"``, ``"lm_head"``); it
-            is never given to Muon. None: no layer is treated as the head.
-        head_mode: ``"plain"`` (left out of MD), ``"sphere"`` (unit row
-            sphere, no gains) or ``"sphere-gains"`` (unit rows with row and
-            column gains, one of the authors' setups).
-        embeddings: ``"plain"`` or ``"sphere"`` (every nn.Embedding on a unit
-            row sphere without gains, stepped by AdamW at ``other_lr``).
-        radius_scale: ``{glob on module names: factor}``, a smaller sphere for
-            some layers with their step scaled to match (the authors scale
-            residual output projections by 1/sqrt(2 * n_layers)).
+            the paper's step, AdamW on the rest) or ``"adamw"``.
+        lr: the hidden directions' learning rate: their relative step per
+            step with Muon, and with AdamW when ``relative_step``.
+        steps: the run's length: linear decay to 0 over it, no warmup.
+            None keeps every LR constant.
+        gain_lr, other_lr: AdamW's LRs for the raw gains and for everything
+            else (embeddings, norms, biases, the head, their directions).
+        relative_step: AdamW only: the hidden directions step by ``lr x R``.
+        clip, clip_scope: gradient-norm limit (None: off), measured on the
+            fused weights (``"fused"``, the authors') or on directions and
+            gains (``"all"``); see :func:`mdparam.clip_grad_norm_`.
+        head: a glob naming the output layer (``"lm_head"``); never given to
+            Muon. None: no layer is treated as the head.
+        head_mode, embeddings: ``"plain"`` (left out of MD) or on a unit row
+            sphere (``"sphere"``; ``head_mode="sphere-gains"`` adds row and
+            column gains). None: what measured best with ``optimizer``
+            (Muon: ``"sphere-gains"`` and ``"sphere"``; AdamW: plain).
+        radius_scale: ``{glob on module names: factor}``: a smaller sphere and
+            step for those layers (the authors: residual output projections
+            by 1/sqrt(2 * n_layers)).
         init: ``"sphere"`` (the paper's start) or ``"preserve"``.
         include, exclude: as in :func:`mdparam.register`.
-        muon_options, adamw_options: extra keyword arguments for the optimizers.
+        muon_options, adamw_options: more keyword arguments for the optimizers.
 
     Example:
         >>> import torch, mdparam
@@ -230,7 +276,9 @@ def recipe(
         >>> [round(float(mdparam.registered(model)[i].direction.norm()), 3) for i in (0, 1)]
         [5.657, 5.657]
     """
-    _check("optimizer", optimizer, BASE_OPTIMIZERS)
+    base = base_optimizer_of(optimizer)
+    head_mode = base.head_mode if head_mode is None else head_mode
+    embeddings = base.embeddings if embeddings is None else embeddings
     _check("head_mode", head_mode, HEAD_MODES)
     _check("embeddings", embeddings, EMBEDDING_MODES)
     _check("clip_scope", clip_scope, CLIP_SCOPES)
@@ -241,11 +289,7 @@ def recipe(
             "mdparam.param_groups / mdparam.muon_optimizers"
         )
     kw = _register_options(embeddings, head, head_mode, radius_scale)
-    if exclude is not None and "exclude" in kw:
-        exclude = [exclude] if isinstance(exclude, str) else exclude
-        kw["exclude"] = [kw["exclude"], *exclude]
-    elif exclude is not None:
-        kw["exclude"] = exclude
+    kw["exclude"] = _all_excluded(kw.get("exclude"), exclude)
     names = register(model, init=init, include=include, **kw)
     hidden, aux, hidden_names = _split_directions(model, head)
     if not hidden:
@@ -253,30 +297,25 @@ def recipe(
             "mdparam.recipe: every registered layer is an embedding or the head; nothing is "
             "left for the hidden directions' optimizer. Check head= and include="
         )
-    aux_ids = {id(p) for p in aux}
-    aux_group = [{"params": aux, "lr": other_lr, "weight_decay": 0.0, "mdparam_role": "direction"}]
-    if optimizer == "muon":
-        if not hasattr(torch.optim, "Muon"):
-            raise RuntimeError("torch.optim.Muon needs torch >= 2.9; use optimizer='adamw'")
-        rest = param_groups(
-            model, lr=other_lr, gain_lr=gain_lr, other_weight_decay=0.0, roles=("gain", "other")
-        )
-        adamw = torch.optim.AdamW(aux_group[: bool(aux)] + rest, **(adamw_options or {}))
-        muon = torch.optim.Muon(muon_param_groups(model, lr, hidden), **(muon_options or {}))
-        optimizers = [adamw, muon]  # the retraction rides on the last one
-        relative: Any = False
-    else:
-        groups = param_groups(
-            model, lr=lr, gain_lr=gain_lr, other_lr=other_lr, other_weight_decay=0.0
-        )
-        for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in aux_ids]
-        groups = [g for g in groups if g["params"]] + aux_group[: bool(aux)]
-        optimizers = [torch.optim.AdamW(groups, **(adamw_options or {}))]
-        hidden_set = set(hidden_names)
-        relative = (lambda n: n in hidden_set) if relative_step else False
-    retraction = Retraction(model, relative_step=relative)
-    retraction.attach(optimizers[-1])
+    lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
+    options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
+    optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
+    relative = base.name == "adamw" and relative_step
+    retraction = Retraction(model, relative_step=_in(set(hidden_names)) if relative else False)
+    retraction.attach(optimizers[-1])  # holds the hidden directions, steps last
     decay = _linear_decay(steps)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in optimizers]
     return Recipe(model, optimizers, schedulers, retraction, names, clip, clip_scope)
+
+
+def _in(names: set[str]):
+    return lambda name: name in names
+
+
+def _all_excluded(ours: str | None, theirs: Any) -> Any:
+    """``exclude`` for register: the head (when left plain) and the caller's own."""
+    if theirs is None or ours is None:
+        return ours if theirs is None else theirs
+    if callable(theirs):
+        return lambda name, mod: fnmatch.fnmatchcase(name, ours) or bool(theirs(name, mod))
+    return [ours, *([theirs] if isinstance(theirs, str) else theirs)]

@@ -34,12 +34,18 @@ OUT = ("blocks.*.attn.o", "blocks.*.mlp.down")
 def test_recipe_starts_from_the_sphere_with_unit_gains(optimizer):
     model = tiny_gpt()
     train = mdparam.recipe(model, optimizer, lr=0.02, head="head")
-    assert "head.weight" not in train.registered
+    # Muon's recipe puts embeddings and head on unit rows too; AdamW's leaves them plain
+    aux = {"tok.weight", "pos.weight", "head.weight"}
+    assert (aux <= set(train.registered)) == (optimizer == "muon")
     entries = mdparam.registered(model)
-    assert len(entries) == 12  # 6 linears per block, 2 blocks
+    assert len(entries) == 12 + (3 if optimizer == "muon" else 0)  # 6 linears per block
     for e in entries:
-        d_out, d_in = e.config.matrix_shape
-        assert float(e.direction.detach().norm()) == pytest.approx(math.sqrt(max(d_out, d_in)))
+        d = e.direction.detach()
+        if e.name in aux:
+            assert torch.allclose(d.norm(dim=1), torch.ones(d.shape[0]), atol=1e-5)
+        else:
+            d_out, d_in = e.config.matrix_shape
+            assert float(d.norm()) == pytest.approx(math.sqrt(max(d_out, d_in)))
         for g in e.gains:
             assert torch.allclose(apply_gain_map(g.detach(), "softplus"), torch.ones(()))
 
@@ -192,12 +198,15 @@ def test_recipe_sets_the_gain_lr_and_the_other_lr():
     model = tiny_gpt()
     train = mdparam.recipe(model, "muon", lr=0.02, gain_lr=7e-4, other_lr=2e-3, head="head")
     adamw, muon = train.optimizers
-    roles = {g["mdparam_role"]: g for g in adamw.param_groups}
+    roles = {g["mdparam_role"]: g for g in adamw.param_groups if g["mdparam_role"] != "direction"}
     assert roles["gain"]["lr"] == 7e-4 and roles["gain"]["weight_decay"] == 0.0
     assert roles["other"]["lr"] == 2e-3 and roles["other"]["weight_decay"] == 0.0
     assert all(g["mdparam_role"] == "direction" for g in muon.param_groups)
     held = {id(p) for g in muon.param_groups for p in g["params"]}
-    assert held == {id(e.direction) for e in mdparam.registered(model)}
+    hidden = {id(e.direction) for e in mdparam.registered(model) if e.name.startswith("blocks.")}
+    assert held == hidden  # embeddings and head (unit rows) go to AdamW at other_lr
+    aux = [g for g in adamw.param_groups if g["mdparam_role"] == "direction"]
+    assert len(aux) == 1 and aux[0]["lr"] == 2e-3 and len(aux[0]["params"]) == 3
 
 
 @pytest.mark.parametrize("head_mode", ["sphere", "sphere-gains"])
