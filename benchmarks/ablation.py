@@ -3,7 +3,7 @@
     ./run python benchmarks/ablation.py              # every row (resumes)
     ./run python benchmarks/ablation.py --report     # table and plot only
 
-The recipe is mdparam.recipe's defaults as examples/training.py uses them
+The recipe is mdparam.recipe's defaults as benchmarks/methods.py uses them
 (RECIPE below: the paper's start, gain LR 1e-3, residual output projections
 on a 1/sqrt(2L) sphere, clipping on the fused weights, and embeddings and
 head on a unit row sphere with head gains for Muon, plain for AdamW). Each
@@ -29,11 +29,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from runs import RESULTS, load, run_rounds, save, score
-
-from examples.training import RunConfig
+from methods import RunConfig  # noqa: E402
+from runs import RESULTS, load, run_rounds, save, score  # noqa: E402
 
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")
 BASELINES = {"muon": 0.0283, "adamw": 0.002}  # their best LRs at width 128 (reproduce.json)

@@ -4,7 +4,7 @@
     ./run python benchmarks/reproduce.py --methods md-adamw --widths 64
     ./run python benchmarks/reproduce.py --report                # tables and plots only
 
-Every method (examples/training.py says what each is) is trained at each
+Every method (benchmarks/methods.py says what each is) is trained at each
 width on a learning-rate grid with a factor sqrt(2) between points, starting
 from 7 points around the method's usual LR and extended on whichever side
 the best LR sits until the best is interior. At each method's best LR, two
@@ -28,11 +28,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from runs import RESULTS, ROOT, load, run_rounds, score
-
-from examples.training import METHODS, RunConfig
+from methods import METHODS, RunConfig  # noqa: E402
+from runs import RESULTS, ROOT, load, run_rounds, score  # noqa: E402
 
 CENTER = {  # middle of the first grid; the grid then follows the results
     "adamw": 2e-3,

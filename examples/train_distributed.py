@@ -26,9 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mdparam
+from benchmarks.methods import DEFAULT_LR, RunConfig
 from examples.corpus import load_corpus
 from examples.gpt import GPT, GPTConfig
-from examples.training import DEFAULT_LR, RunConfig
 
 
 def main() -> None:
@@ -99,7 +99,7 @@ def main() -> None:
                 block.compile()
         fully_shard(model, mesh=mesh)
         net = model
-    recipe = RunConfig()  # 3. the main job's MD-AdamW recipe (examples/training.py)
+    recipe = RunConfig()  # 3. the main job's MD-AdamW recipe (benchmarks/methods.py)
     opt = torch.optim.AdamW(
         mdparam.param_groups(
             model,

@@ -1,12 +1,12 @@
 """The main job: train a small byte-level GPT with MD decoupling, export it, reload it plain.
 
-    ./run main                         # MD-AdamW under torch.compile, a few minutes on 2 cores
-    ./run main --optimizer muon        # MD with Muon on the directions
-    ./run main --baseline              # the same GPT with plain AdamW, no mdparam
+    ./run main                         # MD-Muon (mdparam.recipe) under torch.compile, minutes on 2 cores
+    ./run main --optimizer adamw --relative-step   # MD-AdamW with the relative step
+    ./run main --baseline              # the same GPT with plain Muon, no mdparam
     ./run main --text my.txt --steps 3000 --width 256
 
 Steps: build the standard-library corpus (or read --text), build the GPT
-(examples/gpt.py: plain nn.Linear layers), register it with mdparam, train
+(examples/gpt.py: plain nn.Linear layers), set it up with mdparam.recipe, train
 with a progress bar, evaluate, export a plain safetensors checkpoint, build a
 fresh plain GPT, load the checkpoint with strict=True, check that its logits
 agree with the trained model's, sample text from the plain model, and write a
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import safetensors.torch
 
 import mdparam
+from benchmarks.methods import DEFAULT_LR, MD_METHODS, RunConfig, train
 from examples.corpus import load_corpus
 from examples.gpt import GPT
-from examples.training import DEFAULT_LR, MD_METHODS, RunConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="muon")
     p.add_argument("--baseline", action="store_true", help="plain model and optimizer, no mdparam")
     p.add_argument(
         "--relative-step", action="store_true", help="MD-AdamW with the relative-step retraction"
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--lr", type=float, default=None, help="direction LR (MD) or matrix LR (baseline)"
     )
-    p.add_argument("--gain-lr", type=float, default=1e-2)
+    p.add_argument("--gain-lr", type=float, default=RunConfig.gain_lr)
     p.add_argument("--other-lr", type=float, default=3e-3, help="embeddings, norms, output head")
     p.add_argument(
         "--text", default=None, help="train on this text file instead of the stdlib corpus"

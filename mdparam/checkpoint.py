@@ -362,20 +362,47 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
     st = _state(model, "load_plain", loading=True)
     plan = plain_plan(st.keys, st.specs)
     label = "the state dict" if isinstance(source, Mapping) else str(source)
-    if isinstance(source, Mapping):
-        reader = None
-        names = list(source)
-        shape_of = {k: tuple(v.shape) for k, v in source.items()}
-        get = lambda k: source[k].detach()  # noqa: E731
-    else:
-        reader = CheckpointReader(source)
-        check_kind(reader.metadata, "plain", label)
-        names = list(reader.entries)
-        shape_of = {k: e.shape for k, e in reader.entries.items()}
-        get = reader.get
+    reader, names, shape_of, get = _plain_source(source, label)
+    try:
+        read_as = _stand_ins(st, plan, names)
+        for name, other in read_as.items():
+            names, shape_of[name] = [*names, name], shape_of[other]
+        _compare_names(
+            [n for n, _ in plan], names, label, "Is it a checkpoint of this architecture?"
+        )
+        for name, src in plan:
+            want = src.config.shape if isinstance(src, FusedSpec) else tuple(st.tensors[src].shape)
+            _check_shape(name, shape_of[name], want, label)
+        with torch.no_grad():
+            new = _split_plain(st, plan, lambda k: get(read_as.get(k, k)), label)
+            for dest, value in new:  # everything computed first, copied last
+                dest.copy_(value)
+    finally:
+        if reader is not None:
+            reader.close()
 
-    # A tied weight may be saved under one of its names only (save_pretrained does
-    # that): a missing name is read from another name of the same tensor.
+
+def _plain_source(source: str | os.PathLike | Mapping[str, Tensor], label: str):
+    """(reader or None, names, shapes by name, get(name)) of a plain checkpoint or state dict."""
+    if isinstance(source, Mapping):
+        shapes = {k: tuple(v.shape) for k, v in source.items()}
+        return None, list(source), shapes, lambda k: source[k].detach()
+    reader = CheckpointReader(source)
+    try:
+        check_kind(reader.metadata, "plain", label)
+    except BaseException:
+        reader.close()
+        raise
+    shapes = {k: e.shape for k, e in reader.entries.items()}
+    return reader, list(reader.entries), shapes, reader.get
+
+
+def _stand_ins(st: _State, plan, names: list[str]) -> dict[str, str]:
+    """Missing names of tied weights -> another name of the same tensor that is present.
+
+    A tied weight may be saved under one of its names only (save_pretrained does that).
+    """
+
     def tensor_id(src: FusedSpec | str) -> int:
         if isinstance(src, FusedSpec):
             e = st.entries[src.name][0]
@@ -391,44 +418,33 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
         stand_in = [n for n in by_tensor[tensor_id(src)] if n in present]
         if name not in present and stand_in:
             read_as[name] = stand_in[0]
-            names = [*names, name]
-            shape_of[name] = shape_of[stand_in[0]]
-    read = lambda k: get(read_as.get(k, k))  # noqa: E731
-    try:
-        _compare_names(
-            [n for n, _ in plan], names, label, "Is it a checkpoint of this architecture?"
-        )
-        for name, src in plan:
-            want = src.config.shape if isinstance(src, FusedSpec) else tuple(st.tensors[src].shape)
-            _check_shape(name, shape_of[name], want, label)
-        new: list[tuple[Tensor, Tensor]] = []  # (destination, value): computed first, copied last
-        done: dict[int, tuple[str, Tensor]] = {}
-        with torch.no_grad():
-            for name, src in plan:
-                value = read(name)
-                if not isinstance(src, FusedSpec):
-                    new.append((st.tensors[src], value))
-                    continue
-                entry = st.entries[name][0]
-                plist = entry.module.parametrizations[entry.tensor_name]
-                direction = plist.original0
-                if id(direction) in done:  # tied="share": one set of originals
-                    other, before = done[id(direction)]
-                    if not torch.equal(before, value):
-                        raise ValueError(
-                            f"{label}: {name!r} and {other!r} share one direction in this model "
-                            "(tied='share') but differ in the checkpoint"
-                        )
-                    continue
-                done[id(direction)] = (name, value)
-                try:
-                    parts = plist[0].right_inverse(value.to(direction.dtype))
-                except ValueError as e:
-                    raise ValueError(f"{label}: {name!r}: {e}") from None
-                for i, part in enumerate(parts):
-                    new.append((getattr(plist, f"original{i}"), part))
-            for dest, value in new:
-                dest.copy_(value)
-    finally:
-        if reader is not None:
-            reader.close()
+    return read_as
+
+
+def _split_plain(st: _State, plan, read: Callable[[str], Tensor], label: str):
+    """(destination, value) pairs: plain tensors as they are, fused ones split into originals."""
+    new: list[tuple[Tensor, Tensor]] = []
+    done: dict[int, tuple[str, Tensor]] = {}
+    for name, src in plan:
+        value = read(name)
+        if not isinstance(src, FusedSpec):
+            new.append((st.tensors[src], value))
+            continue
+        entry = st.entries[name][0]
+        plist = entry.module.parametrizations[entry.tensor_name]
+        direction = plist.original0
+        if id(direction) in done:  # tied="share": one set of originals
+            other, before = done[id(direction)]
+            if not torch.equal(before, value):
+                raise ValueError(
+                    f"{label}: {name!r} and {other!r} share one direction in this model "
+                    "(tied='share') but differ in the checkpoint"
+                )
+            continue
+        done[id(direction)] = (name, value)
+        try:
+            parts = plist[0].right_inverse(value.to(direction.dtype))
+        except ValueError as e:
+            raise ValueError(f"{label}: {name!r}: {e}") from None
+        new.extend((getattr(plist, f"original{i}"), part) for i, part in enumerate(parts))
+    return new

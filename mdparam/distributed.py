@@ -68,6 +68,7 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
     """The part of a radius tensor (``radius="init"``) that belongs to this rank's shard."""
     if not isinstance(radius, Tensor):
         return radius
+    # torch internal: DTensor's own rule for which slice of a dim each rank holds
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local_shape, offset = compute_local_shape_and_global_offset(

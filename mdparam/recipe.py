@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .clipping import CLIP_SCOPES, clip_grad_norm_
 from .kinds import Kinds
 from .optim import muon_param_groups, param_groups
-from .register import register
+from .register import register, remove
 from .retraction import Retraction
 from .tree import registered
 
@@ -277,26 +277,11 @@ def recipe(
         [5.657, 5.657]
     """
     base = base_optimizer_of(optimizer)
-    head_mode = base.head_mode if head_mode is None else head_mode
-    embeddings = base.embeddings if embeddings is None else embeddings
-    _check("head_mode", head_mode, HEAD_MODES)
-    _check("embeddings", embeddings, EMBEDDING_MODES)
     _check("clip_scope", clip_scope, CLIP_SCOPES)
-    if registered(model):
-        raise ValueError(
-            "mdparam.recipe registers the model itself, but it is already registered. Pass the "
-            "plain model, or keep your registration and build the optimizer with "
-            "mdparam.param_groups / mdparam.muon_optimizers"
-        )
-    kw = _register_options(embeddings, head, head_mode, radius_scale)
-    kw["exclude"] = _all_excluded(kw.get("exclude"), exclude)
-    names = register(model, init=init, include=include, **kw)
+    names = _register_with_the_papers_start(
+        model, base, head, head_mode, embeddings, radius_scale, init, include, exclude
+    )
     hidden, aux, hidden_names = _split_directions(model, head)
-    if not hidden:
-        raise ValueError(
-            "mdparam.recipe: every registered layer is an embedding or the head; nothing is "
-            "left for the hidden directions' optimizer. Check head= and include="
-        )
     lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
     optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
@@ -306,6 +291,39 @@ def recipe(
     decay = _linear_decay(steps)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in optimizers]
     return Recipe(model, optimizers, schedulers, retraction, names, clip, clip_scope)
+
+
+def _register_with_the_papers_start(
+    model: nn.Module,
+    base: BaseOptimizer,
+    head: str | None,
+    head_mode: str | None,
+    embeddings: str | None,
+    radius_scale: Mapping[str, float] | None,
+    init: str,
+    include: Any,
+    exclude: Any,
+) -> list[str]:
+    head_mode = base.head_mode if head_mode is None else head_mode
+    embeddings = base.embeddings if embeddings is None else embeddings
+    _check("head_mode", head_mode, HEAD_MODES)
+    _check("embeddings", embeddings, EMBEDDING_MODES)
+    if registered(model):
+        raise ValueError(
+            "mdparam.recipe registers the model itself, but it is already registered. Pass the "
+            "plain model, or keep your registration and build the optimizer with "
+            "mdparam.param_groups / mdparam.muon_optimizers"
+        )
+    kw = _register_options(embeddings, head, head_mode, radius_scale)
+    kw["exclude"] = _all_excluded(kw.get("exclude"), exclude)
+    names = register(model, init=init, include=include, **kw)
+    if not _split_directions(model, head)[0]:
+        remove(model)  # leave the model as it was
+        raise ValueError(
+            "mdparam.recipe: every registered layer is an embedding or the head; nothing is "
+            "left for the hidden directions' optimizer. Check head= and include="
+        )
+    return names
 
 
 def _in(names: set[str]):

@@ -189,7 +189,7 @@ class Retraction:
         chosen = _relative_indices(relative_step, self.names)
         self.relative = RelativeStep(self, chosen, compile=self.compiled) if chosen else None
         self.calls = 0  # retractions run (a public seam for tests and logs)
-        self._attached = 0
+        self.handles: list[_Handles] = []  # one per attach() not yet removed
 
     @property
     def sharded(self) -> bool:
@@ -209,7 +209,7 @@ class Retraction:
     @property
     def attached(self) -> bool:
         """Whether an optimizer hook runs this retraction (see :meth:`attach`)."""
-        return self._attached > 0
+        return bool(self.handles)
 
     def radii(self) -> list[float | Tensor]:
         """Each direction's radius now (a float, or this rank's part of a radius tensor)."""
@@ -425,11 +425,11 @@ class _Handles:
     def __init__(self, owner: Retraction, handles: list[RemovableHandle]) -> None:
         self.owner = owner
         self.handles = handles
-        owner._attached += 1
+        owner.handles.append(self)
 
     def remove(self) -> None:
         if self.handles:
             for h in self.handles:
                 h.remove()
             self.handles = []
-            self.owner._attached -= 1
+            self.owner.handles.remove(self)

@@ -1,24 +1,24 @@
 """One training run of the small GPT: the methods compared, their recipes, the loop.
 
-The main job (examples/train_gpt.py) and the reproduction sweep
-(benchmarks/reproduce.py) both call :func:`train`, so both sides of every
-comparison run the same code except for the method.
+The main job (examples/train_gpt.py), the reproduction sweep
+(benchmarks/reproduce.py) and the recipe ablation (benchmarks/ablation.py)
+all call :func:`train`, so both sides of every comparison run the same code
+except for the method.
 
 Every method clips the gradient norm at 1.0. Methods (the swept ``lr`` is the
 matrix LR of baselines, the direction LR of MD):
 
 - ``adamw``: plain AdamW, weight decay 0.1 on matrices (embeddings, head,
   hidden), linear warmup over 5% of the steps, then linear decay to 0.
-- ``md-adamw``: MD on every hidden nn.Linear (rowcol softplus gains, flat
-  sphere), AdamW on directions (lr) and gains (gain_lr), no weight decay, no
-  warmup, linear decay. Embeddings, norms and the output head stay plain
-  (AdamW at other_lr), as in the paper; no weight decay anywhere.
-- ``md-adamw-relative``: md-adamw with the relative-step retraction.
-- ``muon``: torch.optim.Muon on hidden matrices (its default weight decay
-  0.1), AdamW (other_lr, weight decay 0.1 on matrices) on the rest; warmup
-  and linear decay as adamw.
-- ``md-muon``: MD with Muon on directions (the paper's sqrt(max/min) step),
-  AdamW on gains and the rest; no warmup, linear decay.
+- ``muon``: torch.optim.Muon on hidden matrices (weight decay 0.1), AdamW
+  (other_lr, weight decay 0.1 on matrices) on the rest; warmup and linear
+  decay as adamw.
+- ``md-muon``, ``md-adamw``, ``md-adamw-relative``: :func:`mdparam.recipe`
+  with Muon, AdamW, and AdamW with the relative step: the paper's start,
+  no weight decay, no warmup, linear decay, clipping on the fused weights,
+  residual output projections on a 1/sqrt(2L) sphere; embeddings and head
+  as the recipe chooses for the base optimizer. RunConfig's knobs change
+  one choice at a time (benchmarks/ablation.py).
 - ``sphere``: the pure sphere (gains "none", init "sphere"; Hyperball/HyperP
   family) with AdamW on directions; no warmup, linear decay.
 """
