@@ -16,6 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import byte_batches, rel_err, tiny_gpt
+from torch import nn
 
 import export
 import mdparam
@@ -692,3 +693,19 @@ def test_a_failed_sharded_write_leaves_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_sharded(tmp_path / "ckpt", [specs[:1], specs[1:]], produce)
     assert os.listdir(tmp_path) == []
+
+
+def test_training_checkpoint_keeps_the_radius_taken_at_init(tmp_path):
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 6))
+    mdparam.register(a, radius="init")
+    mdparam.save_training(a, tmp_path / "ckpt.safetensors")
+    torch.manual_seed(1)
+    b = nn.Sequential(nn.Linear(6, 6))  # a different init norm
+    mdparam.register(b, radius="init")
+    mdparam.load_training(b, tmp_path / "ckpt.safetensors")
+    assert torch.equal(
+        b[0].parametrizations.weight[0].radius, a[0].parametrizations.weight[0].radius
+    )
+    x = torch.randn(3, 6)
+    assert torch.equal(a(x), b(x))

@@ -3,7 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import mdparam
 from mdparam.maps import GAIN_MAPS, _gain_map_op, apply_gain_map
 from mdparam.parametrization import MDConfig, _ScaleRowsCols, fuse
 
@@ -44,3 +46,24 @@ def test_gain_map_op_matches_eager_and_passes_opcheck(gain_map):
     ours = torch.autograd.grad(_gain_map_op(raw, gain_map), raw, g)[0]
     reference = torch.autograd.grad(apply_gain_map(raw, gain_map), raw, g)[0]
     assert torch.allclose(ours, reference)
+
+
+def test_fuse_works_under_torch_func():
+    lin = nn.Linear(6, 4)
+    mdparam.register(lin)
+    params = dict(lin.named_parameters())
+    x = torch.randn(3, 6)
+
+    def loss(p, xi):
+        return torch.func.functional_call(lin, p, (xi,)).square().sum()
+
+    grads = torch.func.grad(loss)(params, x)
+    reference = torch.autograd.grad(loss(params, x), list(params.values()))
+    for g, r in zip(grads.values(), reference):
+        assert torch.allclose(g, r, atol=1e-6)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(
+        params, x
+    )  # per-sample gradients
+    assert per_sample["parametrizations.weight.original0"].shape == (3, 4, 6)
+    for k, g in grads.items():  # the loss is a sum over samples
+        assert torch.allclose(per_sample[k].sum(0), g, atol=1e-5)

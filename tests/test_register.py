@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err, tiny_gpt
+from conftest import FusedExperts, rel_err, tiny_gpt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -355,3 +355,46 @@ def test_overrides_can_make_a_call_level_combination_valid():
     assert names == ["0.weight"]
     with pytest.raises(ValueError, match="init='sphere'"):
         mdparam.register(nn.Sequential(nn.Linear(4, 4)), gains="none")
+
+
+def test_bf16_radius_from_init_is_kept_in_fp32():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).bfloat16()
+    w = lin.weight.detach().clone()
+    mdparam.register(
+        lin, sphere="row", radius="init", gains="none"
+    )  # no gains: the radius must be exact
+    radius = lin.parametrizations.weight[0].radius
+    assert radius.dtype == torch.float32
+    assert torch.allclose(radius, w.float().norm(dim=1, keepdim=True))
+    assert torch.equal(lin.weight, w)
+
+
+def test_reinitialize_keeps_the_sphere_init_of_a_pure_sphere():
+    lin = nn.Linear(8, 8)
+    mdparam.register(lin, gains="none", init="sphere")
+    mdparam.reinitialize(lin)  # would need gains to take up the norm if it absorbed
+    assert float(lin.parametrizations.weight.original0.detach().norm()) == pytest.approx(
+        8**0.5, rel=1e-6
+    )
+
+
+def test_removing_from_a_deepcopy_with_two_parametrized_tensors_leaves_the_original():
+    experts = FusedExperts()
+    mdparam.register(experts, layers="all")
+    x = torch.randn(4, 8)
+    before = experts(x)
+    twin = copy.deepcopy(experts)
+    mdparam.remove(twin)
+    assert torch.equal(experts(x), before)  # the original still has both properties
+    assert rel_err(twin(x), before) <= 1e-6
+    assert set(dict(twin.named_parameters())) == {"gate_up_proj", "down_proj"}
+
+
+def test_a_module_used_twice_is_not_a_tie():
+    lin = nn.Linear(5, 5)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    x = torch.randn(2, 5)
+    before = model(x)
+    assert mdparam.register(model) == ["0.weight"]
+    assert rel_err(model(x), before) <= 1e-5

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import mdparam
+from mdparam.layouts import to_matrix
 from mdparam.retraction import relative_step_
 from mdparam.sphere import project, sphere_norm
 
@@ -162,3 +163,38 @@ def test_compiled_relative_step_matches_eager():
         results.append(directions(model))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_relative_step_on_a_channels_last_convolution():
+    x = torch.randn(2, 4, 8, 8)
+    directions = []
+    for channels_last in (False, True):  # the same step, written back into either layout
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 6, 3)
+        mdparam.register(conv, layers=[nn.Conv2d])
+        if channels_last:
+            conv.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(mdparam.param_groups(conv, lr=0.05))
+        mdparam.Retraction(conv, relative_step=True).attach(opt)
+        conv(x).square().mean().backward()
+        opt.step()
+        directions.append(conv.parametrizations.weight.original0.detach())
+    assert not directions[1].is_contiguous()
+    assert float(directions[1].norm()) == pytest.approx(36**0.5, rel=1e-6)
+    assert torch.allclose(directions[1], directions[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sphere_norms_after_relative_retract_called_twice():
+    lin = nn.Linear(16, 16)
+    mdparam.register(lin)
+    opt = torch.optim.SGD(mdparam.param_groups(lin, lr=0.1))
+    retract = mdparam.Retraction(lin, relative_step=True)
+    retract.attach(opt)
+    lin(torch.randn(4, 16)).square().mean().backward()
+    opt.step()
+    after_step = lin.parametrizations.weight.original0.detach().clone()
+    retract()  # a second call must not treat the stored step as D_prev
+    d = lin.parametrizations.weight.original0.detach()
+    assert torch.allclose(d, after_step, atol=1e-6)
+    norms = sphere_norm(to_matrix(d, "linear"), "flat")
+    assert float(norms) == pytest.approx(4.0, rel=1e-6)

@@ -101,3 +101,15 @@ def test_attach_handle_detaches():
 def test_retraction_needs_a_registered_model():
     with pytest.raises(ValueError, match="call\n?.*mdparam.register"):
         mdparam.Retraction(nn.Linear(3, 3))
+
+
+def test_retraction_writes_back_into_a_channels_last_convolution():
+    conv = nn.Conv2d(4, 6, 3)
+    mdparam.register(conv, layers=[nn.Conv2d])
+    conv.to(memory_format=torch.channels_last)  # D is no longer contiguous: its matrix is a copy
+    d = conv.parametrizations.weight.original0
+    assert not d.is_contiguous()
+    with torch.no_grad():
+        d.mul_(3.0)
+    mdparam.Retraction(conv)()
+    assert float(d.detach().norm()) == pytest.approx(36**0.5, rel=1e-6)
