@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict] = {  # label -> the knob changed; a row equal to a rec
     "embeddings + head: unit row sphere": {"embed_head": "sphere"},
     "embeddings + head: unit row sphere, head gains": {"embed_head": "sphere-gains"},
     "clipping: all parameters' gradients": {"clip_scope": "all"},
+    "AdamW LR (embeddings, head, norms) 1e-3": {"other_lr": 1e-3},
+    "AdamW LR (embeddings, head, norms) 1e-2": {"other_lr": 1e-2},
 }
 
 
@@ -66,7 +68,7 @@ def md_rows() -> list[tuple[str, str, dict]]:
     rows = []
     for m in METHODS:
         for label, change in VARIANTS.items():
-            if change and all(RECIPE[m][k] == v for k, v in change.items()):
+            if change and all(RECIPE[m].get(k) == v for k, v in change.items()):
                 continue
             rows.append((m, label, {**RECIPE[m], **change}))
     return rows
@@ -182,7 +184,7 @@ def report(data: dict, out_dir: Path) -> str:
 
 def _is_recipe(method: str, label: str) -> bool:
     change = VARIANTS.get(label)
-    return bool(change) and all(RECIPE[method][k] == v for k, v in change.items())
+    return bool(change) and all(RECIPE[method].get(k) == v for k, v in change.items())
 
 
 def baseline_table(s: dict) -> str:
