@@ -174,3 +174,78 @@ def test_trainer_recipe(tmp_path):
     model.eval(), plain.eval()
     with torch.no_grad():
         assert rel_err(plain(ids).logits, model(ids).logits) <= 1e-5
+
+
+# --- transformers.Trainer ------------------------------------------------------------------
+
+
+class _SphereEveryStep(transformers.TrainerCallback):
+    """Records, after every optimizer step, how far the directions are from their spheres."""
+
+    def __init__(self, model):
+        self.model, self.errors = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.errors.append(sphere_error(self.model))
+
+
+def _trainer_run(out, resume=None, steps=6):
+    _, model = tiny("llama", tie=False)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(32):
+        ids = torch.randint(0, 64, (12,), generator=g)
+        data.append({"input_ids": ids, "labels": ids})
+    mdparam.register(model)
+    opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=1e-3))
+    mdparam.Retraction(model).attach(opt)  # Trainer's optimizer.step() then retracts
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 8)
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    callback = _SphereEveryStep(model)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(opt, sched), callbacks=[callback]
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, callback
+
+
+def test_trainer_retracts_every_step_resumes_exactly_and_exports(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    full, seen = _trainer_run(tmp_path / "run")
+    assert len(seen.errors) == 6 and max(seen.errors) <= 1e-5  # on the sphere after every step
+    assert {"optimizer.pt", "scheduler.pt", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "run" / "checkpoint-4").iterdir()
+    }
+    resumed, seen2 = _trainer_run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-4"))
+    assert len(seen2.errors) == 2 and max(seen2.errors) <= 1e-5  # steps 5 and 6 only
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name  # Trainer's own checkpoint resumes bitwise
+    # save_pretrained -> from_pretrained in a process where mdparam cannot be imported
+    mdparam.save_pretrained(full, tmp_path / "export")
+    with torch.no_grad():
+        want = full(input_ids=X).logits
+    script = (
+        "import sys, json, torch; sys.modules['mdparam'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'export')!r})\n"
+        f"x = torch.tensor({X.tolist()})\n"
+        "print(json.dumps(m(input_ids=x).logits.tolist()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert rel_err(got, want) <= 1e-5
