@@ -53,6 +53,7 @@ class Recipe:
         registered: the qualified names of the parametrized tensors.
         clip: the gradient-norm limit (None: no clipping).
         clip_scope: ``"fused"`` or ``"all"`` (see :func:`mdparam.clip_grad_norm_`).
+        steps: the length of the linear decay (None: constant LRs).
     """
 
     model: nn.Module
@@ -62,6 +63,20 @@ class Recipe:
     registered: list[str] = field(default_factory=list)
     clip: float | None = 1.0
     clip_scope: str = "fused"
+    steps: int | None = None
+
+    def schedule(self, steps: int | None) -> None:
+        """Decay every LR linearly to 0 over ``steps`` from the start (None: constant).
+
+        For when the run's length is known only after :func:`recipe` (Lightning's
+        ``estimated_stepping_batches``, say); call it before the first step.
+        """
+        decay = _linear_decay(steps)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in self.optimizers]
+        self.steps = steps
 
     def step(self) -> Tensor | None:
         """Clip, step every optimizer (the retraction runs last), advance the schedule,
@@ -288,9 +303,9 @@ def recipe(
     relative = base.name == "adamw" and relative_step
     retraction = Retraction(model, relative_step=_in(set(hidden_names)) if relative else False)
     retraction.attach(optimizers[-1])  # holds the hidden directions, steps last
-    decay = _linear_decay(steps)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in optimizers]
-    return Recipe(model, optimizers, schedulers, retraction, names, clip, clip_scope)
+    made = Recipe(model, optimizers, [], retraction, names, clip, clip_scope)
+    made.schedule(steps)
+    return made
 
 
 def _register_with_the_papers_start(

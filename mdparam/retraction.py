@@ -332,9 +332,12 @@ class RelativeStep:
         self.covers_all = len(indices) == len(owner.directions)
         self.previous: list[Tensor] | None = None
         self.recorded = False
-        self._groups: list[dict] = []
+        # The optimizer and each direction's group index, not the group dicts:
+        # optimizer.load_state_dict replaces the dicts (a resume), the indices stay.
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._group_index: list[int] = []
         self._lrs: list[Tensor] = []  # one 0-d tensor per group, filled from it before a step
-        self._lr_sources: list[tuple[dict, Tensor]] = []
+        self._lr_sources: list[tuple[int, Tensor]] = []
         self._fn = (
             torch.compile(relative_step_, fullgraph=True, dynamic=False)
             if compile
@@ -343,7 +346,7 @@ class RelativeStep:
 
     def bind(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
         """Read the learning rates from ``optimizer``; allocate the record of D. Returns it."""
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         missing = [n for n, d in zip(self.names, self.directions) if id(d) not in group_of]
         if missing:
             raise ValueError(
@@ -351,14 +354,15 @@ class RelativeStep:
                 f"directions of {missing[:3]}; in relative-step mode one optimizer must step "
                 "every direction that takes the relative step"
             )
-        self._groups = [group_of[id(d)] for d in self.directions]
+        self._optimizer = optimizer
+        self._group_index = [group_of[id(d)] for d in self.directions]
         by_group: dict[int, Tensor] = {}
         self._lr_sources, self._lrs = [], []
-        for d, g in zip(self.directions, self._groups):
-            if id(g) not in by_group:
-                by_group[id(g)] = torch.zeros((), dtype=torch.float32, device=d.device)
-                self._lr_sources.append((g, by_group[id(g)]))
-            self._lrs.append(by_group[id(g)])
+        for d, i in zip(self.directions, self._group_index):
+            if i not in by_group:
+                by_group[i] = torch.zeros((), dtype=torch.float32, device=d.device)
+                self._lr_sources.append((i, by_group[i]))
+            self._lrs.append(by_group[i])
         local = [self.norms.local(d) for d in self.directions]
         self.previous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in local]
         return self.previous
@@ -385,7 +389,7 @@ class RelativeStep:
 
     def current_lrs(self) -> list[Tensor | float]:
         """Each direction's relative step now: its group's lr over any ``mdparam_lr_scale``."""
-        return [g["lr"] / g.get("mdparam_lr_scale", 1.0) for g in self._groups]
+        return [_relative_lr(self._optimizer.param_groups[i]) for i in self._group_index]
 
     def take_recorded(self) -> list[Tensor] | None:
         """The learning rates for the recorded step (once per step), or None if none was."""
@@ -397,8 +401,8 @@ class RelativeStep:
         if not self.recorded:
             return None
         self.recorded = False
-        for group, lr in self._lr_sources:
-            lr.fill_(group["lr"] / group.get("mdparam_lr_scale", 1.0))
+        for i, lr in self._lr_sources:
+            lr.fill_(_relative_lr(self._optimizer.param_groups[i]))
         return self._lrs
 
     def apply(
@@ -417,6 +421,11 @@ class RelativeStep:
             list(lrs),
             norm_fn,
         )
+
+
+def _relative_lr(group: dict) -> Tensor | float:
+    """A group's LR as a relative step: over the ``mdparam_lr_scale`` the helpers set."""
+    return group["lr"] / group.get("mdparam_lr_scale", 1.0)
 
 
 class _Handles:

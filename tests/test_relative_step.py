@@ -198,3 +198,36 @@ def test_sphere_norms_after_relative_retract_called_twice():
     assert torch.allclose(d, after_step, atol=1e-6)
     norms = sphere_norm(to_matrix(d, "linear"), "flat")
     assert float(norms) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_resuming_the_optimizer_keeps_the_relative_step_on_the_scheduled_lr():
+    # optimizer.load_state_dict replaces the param-group dicts; the relative step must read
+    # its LR from the live groups (the scheduler's), not from the ones it saw at attach time.
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+        mdparam.register(model, init="sphere")
+        opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.05))
+        mdparam.Retraction(model, relative_step=True).attach(opt)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return model, opt, sched
+
+    def steps(model, opt, sched, seeds):
+        for seed in seeds:
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
+            model(x).square().mean().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    full = build()
+    steps(*full, range(4))
+    half = build()
+    steps(*half, range(2))
+    resumed = build()
+    resumed[0].load_state_dict(half[0].state_dict())
+    resumed[1].load_state_dict(half[1].state_dict())
+    resumed[2].load_state_dict(half[2].state_dict())
+    steps(*resumed, range(2, 4))
+    for a, b in zip(full[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(a, b)
