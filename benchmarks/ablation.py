@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict] = {  # label -> the knob changed; a row equal to a rec
     "clipping: all parameters' gradients": {"clip_scope": "all"},
     "AdamW LR (embeddings, head, norms) 1e-3": {"other_lr": 1e-3},
     "AdamW LR (embeddings, head, norms) 1e-2": {"other_lr": 1e-2},
+    "AdamW LR (embeddings, head, norms) 3e-2": {"other_lr": 3e-2},
 }
 
 
@@ -81,6 +82,7 @@ BASELINE_VARIANTS: dict[str, dict[str, dict]] = {
         "weight decay 0.2": {"weight_decay": 0.2},
         "AdamW LR (embeddings, head, norms) 1e-3": {"other_lr": 1e-3},
         "AdamW LR (embeddings, head, norms) 1e-2": {"other_lr": 1e-2},
+        "AdamW LR (embeddings, head, norms) 3e-2": {"other_lr": 3e-2},
     },
     "adamw": {
         "weight decay 0": {"weight_decay": 0.0},
