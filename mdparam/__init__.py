@@ -21,6 +21,7 @@ from .recipe import Recipe, recipe
 from .register import Registered, register, registered, reinitialize, remove
 from .retraction import Retraction, RetractionError
 from .stats import Stats, stats
+from .tensor_parallel import parallelize_module
 from .version import __version__
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "load_training",
     "muon_optimizers",
     "muon_param_groups",
+    "parallelize_module",
     "param_groups",
     "plain_state_dict",
     "recipe",

@@ -43,22 +43,35 @@ def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def _split_dim(placement: object) -> int | None:
+    """The tensor dim a placement splits, or None (replicated, partial).
+
+    FSDP2 on top of tensor parallel shards a dim that TP already split with a
+    strided shard, which is not a ``Shard`` (``is_shard()`` is False) but splits
+    its ``dim`` all the same.
+    """
+    if placement.is_shard():
+        return placement.dim
+    if placement.is_replicate() or placement.is_partial():
+        return None
+    return getattr(placement, "dim", None)
+
+
 def _sharded_dims(d: Tensor) -> list[tuple[int, int]]:
-    """(mesh dim, storage dim) for every Shard placement of a DTensor."""
-    return [(m, p.dim % d.ndim) for m, p in enumerate(d.placements) if p.is_shard()]
+    """(mesh dim, storage dim) for every placement that splits a DTensor (none for a tensor)."""
+    if not is_sharded(d):
+        return []
+    dims = [(m, _split_dim(p)) for m, p in enumerate(d.placements)]
+    return [(m, sd % d.ndim) for m, sd in dims if sd is not None]
 
 
-def _reduce_groups(d: Tensor, sphere: str, layout: str) -> list:
-    """Process groups over which this direction's local norms are partial sums."""
+def _reduced_mesh_dims(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> list[int]:
+    """The mesh dims that split one of the matrix dims this direction's sphere norms over."""
     reduced = set(sphere_dims(sphere))
-    return [
-        d.device_mesh.get_group(mesh_dim)
-        for mesh_dim, storage_dim in _sharded_dims(d)
-        if matrix_dim(layout, d.ndim, storage_dim) in reduced
-    ]
+    return sorted({m for m, sd in _sharded_dims(d) if matrix_dim(layout, d.ndim, sd) in reduced})
 
 
-def norms_are_global(d: Tensor, sphere: str, layout: str) -> bool:
+def norms_are_global(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> bool:
     """Whether every rank sees all of this direction's norms (after the all-reduce)."""
     reduced = set(sphere_dims(sphere))
     return all(matrix_dim(layout, d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
@@ -66,7 +79,9 @@ def norms_are_global(d: Tensor, sphere: str, layout: str) -> bool:
 
 def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tensor:
     """The part of a radius tensor (``radius="init"``) that belongs to this rank's shard."""
-    if not isinstance(radius, Tensor):
+    if is_sharded(radius):  # tensor parallel replicates the parametrization's buffers
+        radius = radius.full_tensor()
+    if not isinstance(radius, Tensor) or not is_sharded(d):
         return radius
     # torch internal: DTensor's own rule for which slice of a dim each rank holds
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -91,21 +106,57 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
     return out
 
 
-ReducePlan = list[tuple[object, list[int]]]
+# One collective: a process group, the directions it reduces, and the weight each direction's
+# local squares get before the sum (None: 1 for all).
+ReducePlan = list[tuple[object, list[int], list[float] | None]]
+
+
+def _world_weight(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> float | None:
+    """The weight that makes a sum over every rank of the job this direction's norm, or None.
+
+    A direction split only along dims its sphere norms over (any flat sphere; FSDP2,
+    tensor parallel, or both) has ``pieces`` distinct pieces, each held by
+    ``world / pieces`` ranks: summing ``local squares x pieces / world`` over all
+    ranks counts each piece once. So one all-reduce over the job serves every such
+    direction, whatever its mesh. A direction also split along another dim (a row
+    sphere with its rows split) has norms that differ between ranks: None.
+    """
+    reduced = _reduced_mesh_dims(d, sphere, layout)
+    if not reduced or len(reduced) != len(_sharded_dims(d)):
+        return None
+    pieces = 1
+    for m in reduced:
+        pieces *= d.device_mesh.size(m)
+    return pieces / dist.get_world_size()
 
 
 def reduce_plan(
-    like: Sequence[Tensor], spheres: Sequence[str], layouts: Sequence[str]
+    like: Sequence[Tensor], spheres: Sequence[str | Sphere], layouts: Sequence[str | Layout]
 ) -> ReducePlan:
-    """For each process group, the indices of the DTensors ``like`` whose norms it sums.
+    """The collectives that make local squared norms global, and which directions each serves.
 
-    Depends only on placements, spheres and layouts, so a retraction computes it once.
+    Directions whose norms are global (see :func:`_world_weight`) share one all-reduce
+    over the whole job; the others get one per process group they are split over.
+    Every rank must hold every direction (SPMD). Depends only on placements, spheres
+    and layouts, so a retraction computes it once.
     """
-    pending: dict[int, tuple[object, list[int]]] = {}
+    world: list[int] = []
+    weights: list[float] = []
+    pending: dict[int, tuple[object, list[int], None]] = {}
     for i, (d, sphere, layout) in enumerate(zip(like, spheres, layouts)):
-        for group in _reduce_groups(d, sphere, layout):
-            pending.setdefault(id(group), (group, []))[1].append(i)
-    return list(pending.values())
+        weight = _world_weight(d, sphere, layout) if is_sharded(d) else None
+        if weight is not None:
+            world.append(i)
+            weights.append(weight)
+            continue
+        for m in _reduced_mesh_dims(d, sphere, layout):
+            group = d.device_mesh.get_group(m)
+            pending.setdefault(id(group), (group, [], None))[1].append(i)
+    plan: ReducePlan = list(pending.values())
+    if world:
+        exact = all(w == 1.0 for w in weights)
+        plan.insert(0, (dist.group.WORLD, world, None if exact else weights))
+    return plan
 
 
 def sharded_norms(
@@ -116,14 +167,17 @@ def sharded_norms(
 ) -> list[Tensor]:
     """Global norms per sphere unit (keepdim) of local shards, reduced as ``plan`` says.
 
-    One all-reduce per distinct process group, whatever the number of tensors.
+    One all-reduce per entry of the plan, whatever the number of tensors.
     """
     squares = [
         sphere_norm(to_matrix(t, layout), sphere).square_()
         for t, sphere, layout in zip(locals_, spheres, layouts)
     ]
-    for group, idx in plan:
-        flat = torch.cat([squares[i].reshape(-1) for i in idx])
+    for group, idx, weights in plan:
+        parts = [squares[i].reshape(-1) for i in idx]
+        if weights is not None:
+            parts = [p * w for p, w in zip(parts, weights)]
+        flat = torch.cat(parts)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         offset = 0
         for i in idx:
@@ -154,7 +208,8 @@ class LocalNorms:
 
 
 class ShardedNorms:
-    """Norms of FSDP2-sharded directions: local squares, one all-reduce per process group.
+    """Norms of sharded directions (FSDP2, tensor parallel, both): local squares, then one
+    all-reduce per process group for all of them. Directions held whole are normed locally.
 
     ``all_reduces`` counts the collectives issued (a public seam for tests and logs).
     """
@@ -175,7 +230,7 @@ class ShardedNorms:
         self.all_reduces = 0
 
     def local(self, d: Tensor) -> Tensor:
-        return d.to_local()
+        return d.to_local() if is_sharded(d) else d
 
     def radius(self, d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
         return local_radius(d, layout, radius)
@@ -195,14 +250,8 @@ def norm_strategy(
     layouts: Sequence[str | Layout],
 ) -> LocalNorms | ShardedNorms:
     """How the norms of these directions are taken: locally, or across the ranks that shard them."""
-    sharded = [is_sharded(d) for d in directions]
-    if not any(sharded):
+    if not any(is_sharded(d) for d in directions):
         return LocalNorms()
-    if not all(sharded):
-        raise ValueError(
-            "mdparam.Retraction: some directions are FSDP2-sharded and some are not; "
-            "shard the whole registered model (fully_shard on its blocks and root)"
-        )
     return ShardedNorms(directions, spheres, layouts)
 
 

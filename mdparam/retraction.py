@@ -180,8 +180,8 @@ class Retraction:
             compile = self.directions[0].device.type != "cpu" and not self.norms.sharded
         if compile and self.norms.sharded:
             raise ValueError(
-                "mdparam.Retraction: compile=True is not supported for FSDP2-sharded "
-                "directions; use compile=False (or 'auto')"
+                "mdparam.Retraction: compile=True is not supported for sharded (FSDP2 or "
+                "tensor-parallel) directions; use compile=False (or 'auto')"
             )
         self.compiled = bool(compile)
         self.check = check

@@ -167,9 +167,11 @@ def check_not_wrapped(model: nn.Module, what: str = "mdparam.register") -> None:
     for name, mod in model.named_modules():
         if _is_fsdp_or_sharded(mod):
             raise RuntimeError(
-                f"{what}: module {name or '<root>'!r} is already sharded by FSDP2 "
-                "(fully_shard). The supported order is register -> fully_shard -> optimizer "
-                "-> Retraction: call mdparam.register on the model before fully_shard"
+                f"{what}: module {name or '<root>'!r} is already sharded (FSDP2's fully_shard "
+                "or tensor parallel). The supported order is register -> fully_shard -> "
+                "optimizer -> Retraction (with tensor parallel: register -> "
+                "mdparam.parallelize_module -> fully_shard -> ...): call mdparam.register on the "
+                "model before fully_shard or parallelize_module"
             )
         if (
             getattr(mod, "_compiled_call_impl", None) is not None

@@ -39,7 +39,9 @@ def build(
 ):
     model = tiny_gpt(seed=0)
     mdparam.register(model)
-    if mode == "fsdp":
+    if mode in ("tp", "tp2d"):
+        net = tensor_parallel(model, world, two_d=mode == "tp2d")
+    elif mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -66,14 +68,49 @@ def build(
     return model, fwd, opt, sched, retract
 
 
+def tensor_parallel(model, world: int, two_d: bool = False):
+    """Attention and MLP split over a "tp" mesh (torch's plan, mdparam.parallelize_module);
+    with ``two_d``, a (dp, tp) mesh and fully_shard over "dp" on top."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    shape, names = ((2, world // 2), ("dp", "tp")) if two_d else ((world,), ("tp",))
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    tp = mesh["tp"].size()
+    plan = {}
+    for i, block in enumerate(model.blocks):
+        for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
+            plan[f"blocks.{i}.{name}"] = ColwiseParallel()
+        for name in ("attn.o", "mlp.down"):
+            plan[f"blocks.{i}.{name}"] = RowwiseParallel()
+        block.attn.n_head //= tp  # each rank holds n_head / tp heads
+    mdparam.parallelize_module(model, mesh["tp"], plan)
+    if two_d:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def data_part(mode: str, rank: int, world: int) -> tuple[int, int]:
+    """(which part, how many parts) of each global batch this rank trains on."""
+    if mode in ("single", "tp"):
+        return 0, 1  # tensor-parallel ranks all see the whole batch
+    if mode == "tp2d":
+        return rank // (world // 2), 2  # mesh (dp, tp): ranks of one dp index share a part
+    return rank, world
+
+
 def train(
     model, fwd, opt, sched, mode: str, rank: int, world: int, steps: range, step_fn=None
 ) -> tuple[list, list]:
     losses, sphere = [], []
+    part, parts = data_part(mode, rank, world)
     for step in steps:
         x, y = batch(step)
-        if mode != "single":
-            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        x, y = x.chunk(parts)[part], y.chunk(parts)[part]
         loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
         loss.backward()
         (step_fn or opt.step)()
