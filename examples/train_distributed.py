@@ -1,15 +1,20 @@
-"""The main job's GPT trained with MD under FSDP2 (or DDP), launched by torchrun.
+"""The main job's GPT trained with MD under FSDP2, DDP or tensor parallel, launched by torchrun.
 
     ./run python -m torch.distributed.run --nproc_per_node 2 examples/train_distributed.py
     ./run python -m torch.distributed.run --nproc_per_node 2 examples/train_distributed.py --ddp
+    ./run python -m torch.distributed.run --nproc_per_node 2 examples/train_distributed.py --tp 2
+    ./run python -m torch.distributed.run --nproc_per_node 4 examples/train_distributed.py --tp 2
     # on GPUs: torchrun --nproc_per_node 8 examples/train_distributed.py --steps 5000 --width 768
 
-The order that works: register -> fully_shard (or DDP) -> optimizer ->
-Retraction. Each rank trains on its slice of every global batch; the
-retraction uses global norms (one all-reduce per step for flat spheres);
---save-every writes a torch.distributed.checkpoint that --resume continues
-from; at the end every rank joins the gather and rank 0 writes the plain
-safetensors checkpoint that a single-process plain GPT loads with strict=True.
+The order that works: mdparam.register_for_recipe -> mdparam.parallelize_module
+(tensor parallel) -> fully_shard (or DDP) -> mdparam.recipe (optimizers,
+retraction, schedule). With --tp T, a (world/T, T) mesh: attention and MLP
+split over "tp", and FSDP2 over "dp" when world > T. Each data-parallel rank
+trains on its slice of every global batch; the retraction uses global norms
+(one all-reduce per step for flat spheres); --save-every writes a
+torch.distributed.checkpoint that --resume continues from; at the end every
+rank joins the gather and rank 0 writes the plain safetensors checkpoint that
+a single-process plain GPT loads with strict=True.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mdparam
-from benchmarks.methods import DEFAULT_LR, RunConfig
+from benchmarks.methods import DEFAULT_LR, OUTPUT_PROJECTIONS, RunConfig
 from examples.corpus import load_corpus
 from examples.gpt import GPT, GPTConfig
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -40,8 +45,9 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR["md-adamw"], help="direction LR")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR["md-adamw-relative"], help="direction LR")
     p.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of FSDP2")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (attention and MLP)")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -57,18 +63,60 @@ def main() -> None:
     p.add_argument("--out", default="runs/distributed")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
+    heads = args.width // 32
     if args.width % 32:  # heads of 32 dimensions, as the main job's GPT
         p.error(f"--width {args.width} must be a multiple of 32")
-    if args.global_batch % world:
+    if world % args.tp or heads % args.tp or (args.tp > 1 and args.ddp):
         p.error(
-            f"--global-batch {args.global_batch} must be a multiple of the world size {world}; "
-            "change it or --nproc_per_node"
+            f"--tp {args.tp} must divide the world size {world} and the {heads} heads, "
+            "and goes with FSDP2 (not --ddp) for the data-parallel dimension"
+        )
+    if args.global_batch % (world // args.tp):
+        p.error(
+            f"--global-batch {args.global_batch} must be a multiple of the data-parallel size "
+            f"{world // args.tp}; change it or --nproc_per_node"
         )
     if args.resume and not (Path(args.out) / "dcp").exists():
         p.error(
             f"--resume: no checkpoint in {Path(args.out) / 'dcp'}; run with --save-every N first"
         )
+    return args
 
+
+def shard(model: GPT, args: argparse.Namespace, device: torch.device, world: int):
+    """Tensor parallel over "tp", then FSDP2 (or DDP) over "dp". Returns (forward, dp rank, dp size)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = world // args.tp
+    mesh = init_device_mesh(device.type, (dp, args.tp), mesh_dim_names=("dp", "tp"))
+    if args.tp > 1:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        plan = {}
+        for i, block in enumerate(model.blocks):
+            for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
+                plan[f"blocks.{i}.{name}"] = ColwiseParallel()
+            for name in ("attn.o", "mlp.down"):
+                plan[f"blocks.{i}.{name}"] = RowwiseParallel()
+            block.attn.n_head //= args.tp  # this rank's heads
+        mdparam.parallelize_module(model, mesh["tp"], plan)
+    rank = mesh["dp"].get_local_rank()
+    if args.ddp:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        return (torch.compile(net) if args.compile else net), rank, dp
+    if dp > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh["dp"])
+            if args.compile:
+                block.compile()
+        fully_shard(model, mesh=mesh["dp"])
+    return model, rank, dp
+
+
+def main() -> None:
+    args = parse_args()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -83,36 +131,26 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial model on every rank
     cfg = GPTConfig(256, args.block, args.depth, args.width // 32, args.width)
     model = GPT(cfg).to(device)
-    mdparam.register(model, exclude="head")  # 1. register
-    if args.ddp:  # 2. shard or replicate
-        net = torch.nn.parallel.DistributedDataParallel(model)
-        if args.compile:
-            net = torch.compile(net)
-    else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(device.type, (world,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-            if args.compile:
-                block.compile()
-        fully_shard(model, mesh=mesh)
-        net = model
-    recipe = RunConfig()  # 3. the main job's MD-AdamW recipe (benchmarks/methods.py)
-    opt = torch.optim.AdamW(
-        mdparam.param_groups(
-            model,
-            lr=args.lr,
-            gain_lr=recipe.gain_lr,
-            other_lr=recipe.other_lr,
-            other_weight_decay=0.0,
-        )
+    scale = {p: (2 * args.depth) ** -0.5 for p in OUTPUT_PROJECTIONS}
+    # 1. register (the recipe's AdamW start); 2. shard; 3. the optimizer and the retraction
+    mdparam.register_for_recipe(model, "adamw", head="head", radius_scale=scale)
+    net, dp_rank, dp = shard(model, args, device, world)
+    knobs = RunConfig()  # the recipe's knobs as the reproduction runs them
+    train = mdparam.recipe(
+        model,
+        "adamw",
+        lr=args.lr,
+        steps=args.steps,
+        gain_lr=knobs.gain_lr,
+        other_lr=knobs.other_lr,
+        head="head",
+        clip_scope="all",  # fused: not for shards yet
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
-    retraction = mdparam.Retraction(model)  # 4.
-    if not args.compile_step:
-        retraction.attach(opt)
+    opt, sched = train.optimizers[0], train.schedulers[0]
+    step_fn = train.step
+    if args.compile_step:  # the compiled step runs the retraction itself
+        for handle in list(train.retraction.handles):
+            handle.remove()
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -121,30 +159,30 @@ def main() -> None:
     ckpt = out / "dcp"
     if args.resume:
         msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd, "step": torch.tensor(0)}
+        state = {"model": msd, "optim": osd, "sched": sched.state_dict(), "step": torch.tensor(0)}
         dcp.load(state, checkpoint_id=str(ckpt))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        sched.load_state_dict(state["sched"])
         start = int(state["step"])
-        for _ in range(start):
-            sched.step()
 
-    # Built after any resume, which loads the optimizer's param groups (float LRs).
-    step_fn = mdparam.compile_step(opt, retraction) if args.compile_step else opt.step
+    if args.compile_step:  # built after any resume, which loads the param groups (float LRs)
+        compiled = mdparam.compile_step(opt, mdparam.Retraction(model, relative_step=True))
+
+        def step_fn() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
+            compiled()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
     corpus = load_corpus()
-    local = args.global_batch // world
+    local = args.global_batch // dp
     for step in range(start, args.steps):
         gen = torch.Generator().manual_seed(step)  # the same global batch on every rank
         x, y = corpus.batch("train", args.global_batch, args.block, gen)
-        x, y = (
-            x[rank * local : (rank + 1) * local].to(device),
-            y[rank * local : (rank + 1) * local].to(device),
-        )
-        loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
+        part = slice(dp_rank * local, (dp_rank + 1) * local)
+        loss = F.cross_entropy(net(x[part].to(device)).flatten(0, 1), y[part].to(device).flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)  # as the main job
-        step_fn()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        step_fn()  # clip, step, retract, schedule, zero the grads
         if step % 20 == 0 or step == args.steps - 1:
             value = loss.detach().clone()
             dist.all_reduce(value)
@@ -152,14 +190,10 @@ def main() -> None:
                 print(f"step {step:5d}  loss {float(value) / world:.4f}", flush=True)
         if args.save_every and (step + 1) % args.save_every == 0:
             msd, osd = get_state_dict(model, opt)
-            dcp.save(
-                {"model": msd, "optim": osd, "step": torch.tensor(step + 1)},
-                checkpoint_id=str(ckpt),
-            )
+            state = {"model": msd, "optim": osd, "sched": sched.state_dict()}
+            dcp.save({**state, "step": torch.tensor(step + 1)}, checkpoint_id=str(ckpt))
 
-    path = mdparam.save_plain(
-        model, out / "model.safetensors", overwrite=True
-    )  # every rank; rank 0 writes
+    path = mdparam.save_plain(model, out / "model.safetensors", overwrite=True)  # every rank joins
     if rank == 0:
         print(
             f"wrote {path}: load it with GPT(cfg).load_state_dict(safetensors.torch.load_file(path), strict=True)"

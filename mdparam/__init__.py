@@ -17,7 +17,7 @@ from .compiled_step import CompiledStep, compile_step
 from .hf import save_pretrained
 from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
 from .parametrization import MagnitudeDirection, MDConfig, fuse
-from .recipe import Recipe, recipe
+from .recipe import Recipe, recipe, register_for_recipe
 from .register import Registered, register, registered, reinitialize, remove
 from .retraction import Retraction, RetractionError
 from .stats import Stats, stats
@@ -49,6 +49,7 @@ __all__ = [
     "recipe",
     "register",
     "register_adapter",
+    "register_for_recipe",
     "registered",
     "reinitialize",
     "remove",

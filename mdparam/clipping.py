@@ -15,14 +15,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distributed import is_sharded
+from .distributed import is_sharded, local_radius, pieces
 from .layouts import to_matrix
 from .parametrization import gain_magnitudes
-from .tree import Registered, registered, unique_directions
+from .tree import Registered, full_tensor, registered, unique_directions
 
-__all__ = ["CLIP_SCOPES", "clip_grad_norm_", "fused_grad_norm"]
+__all__ = ["CLIP_SCOPES", "clip_grad_norm_", "fused_grad_norm", "grad_norm"]
 
 CLIP_SCOPES = ("fused", "all")
 
@@ -35,15 +36,48 @@ def _inverse_square(mag: Tensor) -> Tensor:
 
 
 def _fused_square(entry: Registered) -> Tensor | None:
-    """||dL/dW||^2 of one registered tensor, from its direction's gradient and its gains."""
+    """This rank's part of ||dL/dW||^2 of one registered tensor, from dL/dD and the gains."""
     grad = entry.direction.grad
     if grad is None:
         return None
-    g2 = to_matrix(grad.detach(), entry.config.layout).float().square()
-    mags = gain_magnitudes(tuple(g.detach() for g in entry.gains), entry.config)
-    for mag in mags:
-        g2 = g2 * _inverse_square(mag)
+    local = grad.to_local() if is_sharded(grad) else grad
+    g2 = to_matrix(local.detach(), entry.config.layout).float().square()
+    gains = tuple(full_tensor(g.detach()) for g in entry.gains)  # small: whole on every rank
+    for mag in gain_magnitudes(gains, entry.config):
+        inv = _inverse_square(mag)
+        if is_sharded(grad):  # this shard's rows or columns of the gain
+            inv = local_radius(grad, entry.config.layout, inv)
+        g2 = g2 * inv
     return g2.sum()
+
+
+def _square(t: Tensor) -> Tensor:
+    local = t.to_local() if is_sharded(t) else t
+    return local.detach().float().square().sum()
+
+
+def _total(squares: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """sqrt of the sum of (this rank's squares, the tensor they came from) over the job.
+
+    Without DTensors the squares are whole here. With them, one all-reduce over
+    the job sums ``squares x pieces / world`` (see :func:`_world_weight`), so a
+    sharded tensor counts each of its pieces once and a replicated one once.
+    """
+    if not squares:
+        return torch.zeros(())
+    device = squares[0][0].device
+    if not any(is_sharded(t) for _, t in squares):
+        return torch.stack([sq.to(device) for sq, _ in squares]).sum().sqrt()
+    total = torch.stack([sq.to(device) * _world_weight(t) for sq, t in squares]).sum()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.sqrt()
+
+
+def _world_weight(t: Tensor) -> float:
+    world = dist.get_world_size()
+    if not is_sharded(t):
+        return 1.0 / world  # replicated on every rank (DDP, or a module left unsharded)
+    return pieces(t) / world
 
 
 def fused_grad_norm(model: nn.Module) -> Tensor:
@@ -51,26 +85,28 @@ def fused_grad_norm(model: nn.Module) -> Tensor:
 
     That is, over dL/dW of every MD-parametrized tensor (recovered from dL/dD
     and the gains) and the gradient of every other trainable parameter.
-    Directions' and gains' own gradients do not enter.
+    Directions' and gains' own gradients do not enter. Works on FSDP2 and
+    tensor-parallel models too (one all-reduce; call it on every rank).
     """
     entries = unique_directions(registered(model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if any(is_sharded(p) for p in params):
-        raise NotImplementedError(
-            "mdparam.clip_grad_norm_(scope='fused') does not support FSDP2-sharded "
-            "parameters yet; use scope='all' (torch's clipping over D, gains and the rest)"
-        )
-    md_ids = {id(e.direction) for e in entries}
-    md_ids |= {id(g) for e in entries for g in e.gains}
-    squares = [s for s in map(_fused_square, entries) if s is not None]
+    md_ids = {id(e.direction) for e in entries} | {id(g) for e in entries for g in e.gains}
+    squares = [(sq, e.direction.grad) for e in entries if (sq := _fused_square(e)) is not None]
     squares += [
-        p.grad.detach().float().square().sum()
-        for p in params
-        if id(p) not in md_ids and p.grad is not None
+        (_square(p.grad), p.grad)
+        for p in model.parameters()
+        if p.requires_grad and id(p) not in md_ids and p.grad is not None
     ]
-    if not squares:
-        return torch.zeros(())
-    return torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    return _total(squares)
+
+
+def grad_norm(model: nn.Module) -> Tensor:
+    """The L2 norm over every parameter's gradient (directions and gains included).
+
+    As ``torch.nn.utils.get_total_norm``, also for a model whose gradients mix
+    DTensors and plain tensors (tensor parallel on some layers), which torch's refuses.
+    """
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return _total([(_square(g), g) for g in grads])
 
 
 def clip_grad_norm_(
@@ -90,10 +126,13 @@ def clip_grad_norm_(
             fused weights' gradients dL/dW plus every unregistered
             parameter's gradient, then scales the gradients of directions,
             gains and the rest by one factor, which equals clipping dL/dW
-            before D and the gains receive it. ``"all"`` is
-            ``torch.nn.utils.clip_grad_norm_`` over every parameter, gains and
-            directions included.
+            before D and the gains receive it. ``"all"`` measures it over
+            every parameter's gradient, gains and directions included (as
+            ``torch.nn.utils.clip_grad_norm_``).
         error_if_nonfinite: raise if the total norm is NaN or infinite.
+
+    Under FSDP2 and tensor parallelism call it on every rank: the norm is
+    global (one all-reduce).
 
     Example:
         >>> import torch, mdparam
@@ -108,16 +147,16 @@ def clip_grad_norm_(
         raise ValueError(f"unknown clip scope {scope!r}; choose one of {CLIP_SCOPES}")
     if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if scope == "all":
-        return torch.nn.utils.clip_grad_norm_(
-            params, max_norm, error_if_nonfinite=error_if_nonfinite
-        )
-    total = fused_grad_norm(model)
+    total = fused_grad_norm(model) if scope == "fused" else grad_norm(model)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
-            f"mdparam.clip_grad_norm_: the total gradient norm is {float(total)} (fused scope); "
+            f"mdparam.clip_grad_norm_: the total gradient norm is {float(total)} ({scope} scope); "
             "the step diverged: lower the learning rate or check the data for inf/NaN"
         )
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if is_sharded(p.grad) else p.grad
+                grad.mul_(coef.to(grad.device, grad.dtype))
     return total

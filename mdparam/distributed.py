@@ -30,6 +30,7 @@ __all__ = [
     "local_radius",
     "norm_strategy",
     "norms_are_global",
+    "pieces",
     "reduce_plan",
     "sharded_norms",
 ]
@@ -111,6 +112,14 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
 ReducePlan = list[tuple[object, list[int], list[float] | None]]
 
 
+def pieces(d: Tensor) -> int:
+    """How many distinct pieces a DTensor is split into across its mesh (1 for a tensor)."""
+    n = 1
+    for m, _ in _sharded_dims(d):
+        n *= d.device_mesh.size(m)
+    return n
+
+
 def _world_weight(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> float | None:
     """The weight that makes a sum over every rank of the job this direction's norm, or None.
 
@@ -124,10 +133,7 @@ def _world_weight(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> floa
     reduced = _reduced_mesh_dims(d, sphere, layout)
     if not reduced or len(reduced) != len(_sharded_dims(d)):
         return None
-    pieces = 1
-    for m in reduced:
-        pieces *= d.device_mesh.size(m)
-    return pieces / dist.get_world_size()
+    return pieces(d) / dist.get_world_size()
 
 
 def reduce_plan(

@@ -30,7 +30,15 @@ from .register import register, remove
 from .retraction import Retraction
 from .tree import registered
 
-__all__ = ["BASE_OPTIMIZERS", "EMBEDDING_MODES", "HEAD_MODES", "BaseOptimizer", "Recipe", "recipe"]
+__all__ = [
+    "BASE_OPTIMIZERS",
+    "EMBEDDING_MODES",
+    "HEAD_MODES",
+    "BaseOptimizer",
+    "Recipe",
+    "recipe",
+    "register_for_recipe",
+]
 
 EMBEDDING_MODES = ("plain", "sphere")
 HEAD_MODES = ("plain", "sphere", "sphere-gains")
@@ -251,8 +259,10 @@ def recipe(
     """Register ``model`` with the paper's start and build its training step, in one call.
 
     For training from scratch. A trained model (fine-tuning, ``load_plain``)
-    should keep its function instead: ``mdparam.register(model)`` and
-    :func:`mdparam.param_groups`.
+    should keep its function instead: ``mdparam.register(model)`` first (the
+    recipe then builds on that registration), or :func:`mdparam.param_groups`.
+    A model already registered is used as it is: that is also the path for
+    FSDP2 and tensor parallelism (:func:`register_for_recipe`, shard, then this).
 
     Args:
         model: an unregistered nn.Module; registered here, in place.
@@ -292,10 +302,21 @@ def recipe(
         [5.657, 5.657]
     """
     base = base_optimizer_of(optimizer)
+    if registered(model):  # registered by register_for_recipe (and sharded since), or by hand
+        names = [e.name for e in registered(model)]
+    else:
+        names = register_for_recipe(
+            model,
+            base.name,
+            head=head,
+            head_mode=head_mode,
+            embeddings=embeddings,
+            radius_scale=radius_scale,
+            init=init,
+            include=include,
+            exclude=exclude,
+        )
     _check("clip_scope", clip_scope, CLIP_SCOPES)
-    names = _register_with_the_papers_start(
-        model, base, head, head_mode, embeddings, radius_scale, init, include, exclude
-    )
     hidden, aux, hidden_names = _split_directions(model, head)
     lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
@@ -308,27 +329,38 @@ def recipe(
     return made
 
 
-def _register_with_the_papers_start(
+def register_for_recipe(
     model: nn.Module,
-    base: BaseOptimizer,
-    head: str | None,
-    head_mode: str | None,
-    embeddings: str | None,
-    radius_scale: Mapping[str, float] | None,
-    init: str,
-    include: Any,
-    exclude: Any,
+    optimizer: str = "muon",
+    *,
+    head: str | None = None,
+    head_mode: str | None = None,
+    embeddings: str | None = None,
+    radius_scale: Mapping[str, float] | None = None,
+    init: str = "sphere",
+    include: Any = None,
+    exclude: Any = None,
 ) -> list[str]:
+    """The registration half of :func:`recipe`, for when something must come between.
+
+    FSDP2 and tensor parallelism go after registration and before the
+    optimizer: ``register_for_recipe`` -> ``fully_shard`` /
+    :func:`mdparam.parallelize_module` -> :func:`recipe` with the same
+    ``head`` (it uses the registration it finds). Arguments as in :func:`recipe`.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> mdparam.register_for_recipe(model, "adamw")
+        ['0.weight', '1.weight']
+        >>> # ... shard the model here ...
+        >>> train = mdparam.recipe(model, "adamw", lr=0.01)
+    """
+    base = base_optimizer_of(optimizer)
     head_mode = base.head_mode if head_mode is None else head_mode
     embeddings = base.embeddings if embeddings is None else embeddings
     _check("head_mode", head_mode, HEAD_MODES)
     _check("embeddings", embeddings, EMBEDDING_MODES)
-    if registered(model):
-        raise ValueError(
-            "mdparam.recipe registers the model itself, but it is already registered. Pass the "
-            "plain model, or keep your registration and build the optimizer with "
-            "mdparam.param_groups / mdparam.muon_optimizers"
-        )
     kw = _register_options(embeddings, head, head_mode, radius_scale)
     kw["exclude"] = _all_excluded(kw.get("exclude"), exclude)
     names = register(model, init=init, include=include, **kw)
