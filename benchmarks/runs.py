@@ -85,6 +85,7 @@ def run_rounds(
 ) -> None:
     """Run ``next_jobs(data)`` until it returns nothing new; save after every run."""
     started, base = time.time(), data.get("wall_seconds", 0.0)
+    failed: list[tuple[str, str]] = []
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
         while True:
             jobs = [j for j in next_jobs(data) if j["key"] not in data["runs"]]
@@ -95,12 +96,24 @@ def run_rounds(
                 file=sys.stderr,
                 flush=True,
             )
-            futures = [pool.submit(_run, j) for j in jobs]
+            futures = {pool.submit(_run, j): j for j in jobs}
             for fut in as_completed(futures):
-                key, res = fut.result()
+                try:
+                    key, res = fut.result()
+                except Exception as e:  # one broken job must not waste the others
+                    failed.append((futures[fut]["key"], repr(e)))
+                    print(f"  FAILED {failed[-1][0]}: {failed[-1][1]}", file=sys.stderr, flush=True)
+                    continue
                 data["runs"][key] = res
                 data["wall_seconds"] = base + time.time() - started  # kept if interrupted
                 save(path, data)
                 print(describe(res), file=sys.stderr, flush=True)
+            if failed:
+                break  # the next round would submit the failed jobs again
     data["wall_seconds"] = base + time.time() - started
     save(path, data)
+    if failed:
+        raise SystemExit(
+            f"{len(failed)} runs failed (the others are saved in {path}): "
+            + "; ".join(f"{k}: {e}" for k, e in failed)
+        )

@@ -44,7 +44,7 @@ EMBEDDING_MODES = ("plain", "sphere")
 HEAD_MODES = ("plain", "sphere", "sphere-gains")
 
 # The authors' unit row sphere for embedding and head (their "embed row" setup).
-_ROW_SPHERE = {"sphere": "row", "radius": 1.0}
+_ROW_SPHERE = {"sphere": "row", "radius": 1.0, "init": "sphere"}
 
 
 @dataclass
@@ -132,9 +132,15 @@ def _register_options(
     head: str | None,
     head_mode: str,
     radius_scale: Mapping[str, float] | None,
+    init: str,
 ) -> dict[str, Any]:
-    """register() arguments for the chosen treatment of embeddings, head and radii."""
-    overrides: dict[Any, dict[str, object]] = {}
+    """register() arguments for the chosen treatment of embeddings, head and radii.
+
+    ``init`` is how the hidden matrices start; embeddings and head on a unit
+    sphere always start on it (without gains there is nothing that could keep
+    their function). Later overrides win.
+    """
+    overrides: dict[Any, dict[str, object]] = {nn.Linear: {"init": init}}
     layers: list[Any] = [nn.Linear]
     for glob, scale in (radius_scale or {}).items():
         overrides[glob] = {"radius_scale": scale}
@@ -287,7 +293,9 @@ def recipe(
         radius_scale: ``{glob on module names: factor}``: a smaller sphere and
             step for those layers (the authors: residual output projections
             by 1/sqrt(2 * n_layers)).
-        init: ``"sphere"`` (the paper's start) or ``"preserve"``.
+        init: how the hidden matrices start: ``"sphere"`` (the paper's start)
+            or ``"preserve"`` (the model's own init kept); embeddings and head
+            on a unit sphere always start on it.
         include, exclude: as in :func:`mdparam.register`.
         muon_options, adamw_options: more keyword arguments for the optimizers.
 
@@ -361,9 +369,9 @@ def register_for_recipe(
     embeddings = base.embeddings if embeddings is None else embeddings
     _check("head_mode", head_mode, HEAD_MODES)
     _check("embeddings", embeddings, EMBEDDING_MODES)
-    kw = _register_options(embeddings, head, head_mode, radius_scale)
+    kw = _register_options(embeddings, head, head_mode, radius_scale, init)
     kw["exclude"] = _all_excluded(kw.get("exclude"), exclude)
-    names = register(model, init=init, include=include, **kw)
+    names = register(model, include=include, **kw)
     if not _split_directions(model, head)[0]:
         remove(model)  # leave the model as it was
         raise ValueError(

@@ -327,3 +327,15 @@ def test_recipe_errors_say_what_to_do():
         mdparam.recipe(
             nn.Sequential(nn.Linear(4, 4)), "adamw", lr=0.01, head="0", head_mode="sphere"
         )
+
+
+def test_preserve_applies_to_the_hidden_matrices_and_unit_spheres_start_on_them():
+    model = tiny_gpt()
+    plain = copy.deepcopy(model)
+    mdparam.recipe(model, "muon", lr=0.02, head="head", init="preserve")
+    entries = {e.name: e for e in mdparam.registered(model)}
+    # hidden: the same weights as before (the gains took up the norms)
+    assert rel_err(model.blocks[0].mlp.up.weight, plain.blocks[0].mlp.up.weight) < 1e-5
+    # embeddings and head: on their unit rows (no gains could keep their weights)
+    d = entries["tok.weight"].direction.detach()
+    assert torch.allclose(d.norm(dim=1), torch.ones(d.shape[0]), atol=1e-5)
