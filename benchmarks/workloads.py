@@ -167,19 +167,15 @@ def factored_parts(
 
 
 def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """y = phi(r) * ((x * phi(c)) @ D^T) + bias: never builds W (rowcol gains only)."""
-    d, a, b = factored_parts(self)
-    y = F.linear(x * b, d) * a
-    return y if self.bias is None else y + self.bias
+    """y = phi(r) * ((x * phi(c)) @ D^T) + bias: mdparam's factored forward, W never built."""
+    return mdparam.forward.factored_linear(self, x)
 
 
 def build_factored(md: Side) -> Side:
-    """A copy of an MD side whose layers use the factored forward (benchmark-only prototype)."""
-    import types
-
+    """A copy of an MD side whose layers use the factored forward (register(forward="factored"))."""
     model = copy.deepcopy(md.model)
     for e in mdparam.registered(model):
-        e.module.forward = types.MethodType(_factored_forward, e.module)
+        mdparam.forward.install_forward(e.module, "factored")
     opt = md_adamw(model)
     retraction = mdparam.Retraction(model)
     retraction.attach(opt)

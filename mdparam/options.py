@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .forward import FORWARDS
 from .gains import gain_kind_of
 from .maps import gain_map_of
 from .sphere import RADIUS_POLICIES, resolve_radius, sphere_of
@@ -40,6 +41,10 @@ class Options:
     - ``fuse``: ``"traced"`` (torch.compile traces the fuse and inductor fuses
       it with its neighbours) or ``"opaque"`` (one opaque op with eager
       kernels: faster cold compiles, slower steps).
+    - ``forward`` (nn.Linear): ``"formed"`` (W formed, then torch's linear),
+      ``"factored"`` (y = phi(r) * ((x * phi(c)) @ D^T), W never formed) or
+      ``"auto"`` (the cheaper of the two for the tokens of each call; see
+      :mod:`mdparam.forward`).
     """
 
     gains: str | None = None
@@ -49,6 +54,7 @@ class Options:
     gain_map: str | None = None
     init: str | None = None
     fuse: str | None = None
+    forward: str | None = None
 
     def set_values(self) -> dict[str, object]:
         return {
@@ -69,7 +75,11 @@ class Options:
             sphere_of(self.sphere)
         if self.gain_map is not None:
             gain_map_of(self.gain_map)
-        for name, value, choices in (("init", self.init, INITS), ("fuse", self.fuse, FUSES)):
+        for name, value, choices in (
+            ("init", self.init, INITS),
+            ("fuse", self.fuse, FUSES),
+            ("forward", self.forward, FORWARDS),
+        ):
             if value is not None and value not in choices:
                 raise ValueError(f"unknown {name}={value!r}; choose one of {choices}")
         if isinstance(self.radius, str) and self.radius not in RADIUS_POLICIES:
@@ -97,4 +107,5 @@ DEFAULTS = Options(
     gain_map="softplus",
     init="preserve",
     fuse="traced",
+    forward="formed",
 )

@@ -278,6 +278,7 @@ class MagnitudeDirection(nn.Module):
         # register()'s radius_scale: the optimizer helpers scale this direction's LR by it.
         self.radius_scale = 1.0
         self.opaque_fuse = False  # register(fuse="opaque"): see fuse()
+        self.forward_mode = "formed"  # register(forward=...): see mdparam.forward
         self._assigning = "preserve"  # how right_inverse splits a weight; see assigning()
         if radius is not None:
             self.register_buffer("radius", radius)

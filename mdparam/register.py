@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .adapters import adapter_for
+from .forward import install_forward, uninstall_forward
 from .gains import gain_kind_of
 from .layouts import layout_of
 from .options import DEFAULTS, OPTION_NAMES, Options
@@ -306,6 +307,8 @@ def _register_one(item: Planned) -> None:
     param.opaque_fuse = opts.fuse == "opaque"
     with param.assigning(opts.init):
         parametrize.register_parametrization(item.module, item.tensor_name, param)
+    if item.tensor_name == "weight":
+        install_forward(item.module, opts.forward)
 
 
 # --- the public entry points ---------------------------------------------------------------
@@ -321,6 +324,7 @@ def register(
     gain_map: str | None = None,
     init: str | None = None,
     fuse: str | None = None,
+    forward: str | None = None,
     include: Selector = None,
     exclude: Selector = None,
     tied: str = "skip",
@@ -335,14 +339,15 @@ def register(
 
     Args:
         model: any nn.Module tree.
-        gains, sphere, radius, radius_scale, gain_map, init, fuse: the
+        gains, sphere, radius, radius_scale, gain_map, init, fuse, forward: the
             options of every layer (:class:`mdparam.Options` says what each
             means). None leaves a layer kind's own default (embeddings: row
             sphere, row gains), then the global one: ``gains="rowcol"``,
             ``sphere="flat"``, ``radius="shape"``, ``gain_map="softplus"``,
             ``init="preserve"`` (the same function right after registration;
             :func:`mdparam.recipe` is the path that trains from scratch with the
-            paper's start, ``init="sphere"``), ``fuse="traced"``.
+            paper's start, ``init="sphere"``), ``fuse="traced"``,
+            ``forward="formed"``.
         include, exclude: which layers, among the supported ones: a glob on
             the module's or the tensor's qualified name (``"blocks.*.attn.*"``),
             a list of globs, or a predicate ``(name, module) -> bool``.
@@ -368,7 +373,7 @@ def register(
         >>> torch.allclose(model(x), before, atol=1e-6)
         True
     """
-    call = Options(gains, sphere, radius, radius_scale, gain_map, init, fuse)
+    call = Options(gains, sphere, radius, radius_scale, gain_map, init, fuse, forward)
     if tied not in TIED:
         raise ValueError(f"unknown tied={tied!r}; choose one of {TIED}")
     if not isinstance(model, nn.Module):
@@ -396,6 +401,8 @@ def _unparametrize(mod: nn.Module, tensor_name: str, value: Tensor) -> None:
     its own: its base class, or, when other tensors stay parametrized, a fresh
     copy of the injected class without this property.
     """
+    if tensor_name == "weight":
+        uninstall_forward(mod)
     cls = mod.__class__
     if len(mod.parametrizations) == 1:
         delattr(mod, "parametrizations")
