@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from methods import METHODS, RunConfig  # noqa: E402
+
 from runs import RESULTS, ROOT, load, run_rounds, score  # noqa: E402
 
 CENTER = {  # middle of the first grid; the grid then follows the results
@@ -42,6 +43,21 @@ CENTER = {  # middle of the first grid; the grid then follows the results
     "sphere": 1e-3,
 }
 FIRST_GRID = range(-2, 3)
+# The secondary knobs, each tuned at width 128 with the same budget (benchmarks/ablation.py,
+# results/ablation.json) and then fixed: every method's AdamW LR for embeddings, head and
+# norms (the AdamW baseline has one LR for everything), and the MD methods' gain LR.
+OTHER_LR = {
+    "muon": 1e-2,
+    "md-muon": 3e-3,
+    "md-adamw": 3e-3,
+    "md-adamw-relative": 3e-3,
+    "sphere": 3e-3,
+}
+GAIN_LR = {
+    "md-muon": RunConfig.gain_lr,
+    "md-adamw": RunConfig.gain_lr,
+    "md-adamw-relative": RunConfig.gain_lr,
+}
 MAX_POINTS = 15
 
 
@@ -139,7 +155,8 @@ def job(
         batch=args.batch,
         steps=args.steps * horizon,
         lr=grid_lr(method, k),
-        other_lr=args.other_lr,
+        other_lr=OTHER_LR.get(method, RunConfig.other_lr),
+        gain_lr=GAIN_LR.get(method, RunConfig.gain_lr),
         seed=seed,
         compile=False,
         eval_batches=args.eval_batches,
@@ -164,7 +181,8 @@ def sweep(args: argparse.Namespace, path: Path) -> None:
         "batch": args.batch,
         "block": args.block,
         "tokens_per_run": args.steps * args.batch * args.block,
-        "other_lr": args.other_lr,
+        "other_lr": OTHER_LR,
+        "gain_lr": GAIN_LR,
         "eval_batches": args.eval_batches,
         "grid_factor": "sqrt(2)",
         "recipe": recipe_settings(),
@@ -404,7 +422,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--other-lr", type=float, default=3e-3)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--seeds", type=int, default=2, help="extra seeds at each best LR")
     p.add_argument("--horizon", type=int, default=4, help="steps multiple of the horizon check")

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from .kinds import Kinds
 
-__all__ = ["GAIN_MAPS", "GainMap", "apply_gain_map", "gain_map_of", "invert_gain_map"]
+__all__ = [
+    "GAIN_MAPS",
+    "GainMap",
+    "apply_gain_map",
+    "gain_map_of",
+    "gain_map_op",
+    "invert_gain_map",
+]
 
 # torch's softplus returns x itself above this threshold; the inverse mirrors it
 # so that phi(phi^-1(y)) == y to rounding for every y.
@@ -26,7 +33,7 @@ class GainMap:
     """phi and its inverse. :meth:`__call__` is phi inside autograd and torch.compile."""
 
     name = ""
-    opaque = True  # under torch.compile, run as one opaque op (see _gain_map_op)
+    opaque = True  # under torch.compile, run as one opaque op (see gain_map_op)
 
     def phi(self, raw: Tensor) -> Tensor:
         raise NotImplementedError
@@ -41,7 +48,7 @@ class GainMap:
 
     def __call__(self, raw: Tensor) -> Tensor:
         if self.opaque and torch.compiler.is_compiling():
-            return _gain_map_op(raw, self.name)
+            return gain_map_op(raw, self.name)
         return self.phi(raw)
 
     def __repr__(self) -> str:
@@ -103,11 +110,11 @@ GAIN_MAPS = gain_map_of.names
 # for every layer's softplus and its backward adds much to the cold compile
 # time of a model (benchmarks/speed.py, "cold compile").
 @torch.library.custom_op("mdparam::gain_map", mutates_args=())
-def _gain_map_op(raw: Tensor, gain_map: str) -> Tensor:
+def gain_map_op(raw: Tensor, gain_map: str) -> Tensor:
     return gain_map_of(gain_map).phi(raw)
 
 
-@_gain_map_op.register_fake
+@gain_map_op.register_fake
 def _(raw: Tensor, gain_map: str) -> Tensor:
     return torch.empty_like(raw)
 
@@ -132,7 +139,7 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
     return _gain_map_backward_op(raw, grad, ctx.gain_map), None
 
 
-_gain_map_op.register_autograd(_backward, setup_context=_setup)
+gain_map_op.register_autograd(_backward, setup_context=_setup)
 
 
 def apply_gain_map(raw: Tensor, gain_map: str | GainMap) -> Tensor:

@@ -25,6 +25,7 @@ __all__ = [
     "Geometry",
     "MDConfig",
     "MagnitudeDirection",
+    "ScaleRowsCols",
     "fuse",
     "gain_magnitudes",
     "gain_roles",
@@ -143,7 +144,7 @@ def fuse(
             if opaque:
                 return layout.from_matrix(_scale_rows_cols_op(matrix, *mags), config.shape)
         elif torch.is_grad_enabled():
-            return layout.from_matrix(_ScaleRowsCols.apply(matrix, *mags), config.shape)
+            return layout.from_matrix(ScaleRowsCols.apply(matrix, *mags), config.shape)
         else:  # export, evaluation: one new tensor, scaled in place
             return layout.from_matrix(_scale_rows_cols(matrix, *mags), config.shape)
     for mag in mags:
@@ -172,7 +173,7 @@ def _scale_rows_cols_grads(
     return gd, ga, gb
 
 
-class _ScaleRowsCols(torch.autograd.Function):
+class ScaleRowsCols(torch.autograd.Function):
     """(D * a) * b with a backward that makes one matrix-sized temporary, not four.
 
     Used in eager mode only: autograd's own chain of two broadcasts allocates a
@@ -241,7 +242,7 @@ def _scale_backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _scale_rows_cols_backward_op(grad.contiguous(), d, a, b)
 
 
-_scale_rows_cols_op.register_autograd(_scale_backward, setup_context=_ScaleRowsCols.setup_context)
+_scale_rows_cols_op.register_autograd(_scale_backward, setup_context=ScaleRowsCols.setup_context)
 
 
 class MagnitudeDirection(nn.Module):

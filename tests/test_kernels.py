@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mdparam
-from mdparam.maps import GAIN_MAPS, _gain_map_op, apply_gain_map
-from mdparam.parametrization import MDConfig, _ScaleRowsCols, fuse
+from mdparam.maps import GAIN_MAPS, apply_gain_map, gain_map_op
+from mdparam.parametrization import MDConfig, ScaleRowsCols, fuse
 
 
 def test_scale_rows_cols_gradients_match_autograd():
@@ -15,9 +15,9 @@ def test_scale_rows_cols_gradients_match_autograd():
     d = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)  # batched: (E, out, in)
     a = torch.rand(2, 5, 1, dtype=torch.float64, requires_grad=True) + 0.5
     b = torch.rand(2, 1, 7, dtype=torch.float64, requires_grad=True) + 0.5
-    assert torch.autograd.gradcheck(_ScaleRowsCols.apply, (d, a, b))
+    assert torch.autograd.gradcheck(ScaleRowsCols.apply, (d, a, b))
     g = torch.randn(2, 5, 7, dtype=torch.float64)
-    ours = torch.autograd.grad(_ScaleRowsCols.apply(d, a, b), (d, a, b), g)
+    ours = torch.autograd.grad(ScaleRowsCols.apply(d, a, b), (d, a, b), g)
     reference = torch.autograd.grad(d * a * b, (d, a, b), g)
     for x, y in zip(ours, reference):
         assert torch.allclose(x, y)
@@ -40,10 +40,10 @@ def test_gain_map_op_matches_eager_and_passes_opcheck(gain_map):
     raw = torch.tensor(
         [-30.0, -1.0, 0.0, 0.5, 19.0, 21.0, 40.0], dtype=torch.float64, requires_grad=True
     )
-    torch.library.opcheck(_gain_map_op, (raw, gain_map))
-    assert torch.equal(_gain_map_op(raw, gain_map), apply_gain_map(raw, gain_map))
+    torch.library.opcheck(gain_map_op, (raw, gain_map))
+    assert torch.equal(gain_map_op(raw, gain_map), apply_gain_map(raw, gain_map))
     g = torch.randn_like(raw)
-    ours = torch.autograd.grad(_gain_map_op(raw, gain_map), raw, g)[0]
+    ours = torch.autograd.grad(gain_map_op(raw, gain_map), raw, g)[0]
     reference = torch.autograd.grad(apply_gain_map(raw, gain_map), raw, g)[0]
     assert torch.allclose(ours, reference)
 
