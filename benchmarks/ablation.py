@@ -33,7 +33,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from methods import RunConfig  # noqa: E402
 
-from runs import RESULTS, load, run_rounds, save, score  # noqa: E402
+from runs import RESULTS, load, resume, run_rounds, save, score  # noqa: E402
 
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")
 BASELINES = {"muon": 0.0283, "adamw": 0.002}  # their best LRs at width 128 (reproduce.json)
@@ -253,14 +253,7 @@ def main() -> None:
     args = p.parse_args()
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = load(path)
-    settings = {**SETTINGS, "lrs": LRS, "baselines": BASELINES, "recipe": RECIPE}
-    if data["runs"] and data.get("settings") != settings:
-        raise SystemExit(
-            f"{path} holds runs made with other settings ({data.get('settings')}); pass "
-            "--results NEW.json to start a separate ablation, or restore the settings to resume"
-        )
-    data["settings"] = settings
+    data = resume(path, {**SETTINGS, "lrs": LRS, "baselines": BASELINES, "recipe": RECIPE})
     save(path, data)
     if not args.report:
         run_rounds(path, data, lambda d: jobs(args.seeds), args.workers)

@@ -32,7 +32,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from methods import METHODS, RunConfig  # noqa: E402
 
-from runs import RESULTS, ROOT, load, run_rounds, score  # noqa: E402
+from runs import RESULTS, ROOT, load, resume, run_rounds, score  # noqa: E402
 
 CENTER = {  # middle of the first grid; the grid then follows the results
     "adamw": 2e-3,
@@ -174,7 +174,6 @@ def recipe_settings() -> dict:
 
 
 def sweep(args: argparse.Namespace, path: Path) -> None:
-    data = load(path)
     settings = {
         "depth": args.depth,
         "steps": args.steps,
@@ -187,12 +186,7 @@ def sweep(args: argparse.Namespace, path: Path) -> None:
         "grid_factor": "sqrt(2)",
         "recipe": recipe_settings(),
     }
-    if data["runs"] and data.get("settings") != settings:
-        raise SystemExit(
-            f"{path} holds runs made with other settings ({data.get('settings')}); "
-            "pass --results NEW.json to start a separate sweep, or the same settings to resume"
-        )
-    data["settings"] = settings
+    data = resume(path, settings)
     run_rounds(path, data, lambda d: next_jobs(d, args), args.workers)
 
 

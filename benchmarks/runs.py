@@ -56,6 +56,18 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
+def resume(path: Path, settings: dict) -> dict:
+    """The results in ``path`` if they were made with ``settings`` (or none yet); else exit."""
+    data = load(path)
+    if data["runs"] and data.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds runs made with other settings ({data.get('settings')}); pass "
+            "--results NEW.json to start a separate file, or the same settings to resume"
+        )
+    data["settings"] = settings
+    return data
+
+
 def save(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data) + "\n")

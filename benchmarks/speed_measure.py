@@ -31,6 +31,7 @@ from workloads import (
     build_factored,
     build_optimizer_variants,
     build_pair,
+    copier,
     interleaved,
     summary,
     timed,
@@ -244,12 +245,7 @@ def section_retraction_child(args: argparse.Namespace) -> dict:
     for _ in range(3):
         md.step()
     retract = md.retraction
-    dirs = [d.detach() for d in retract.directions]
-    dsts = [torch.empty_like(d) for d in dirs]
-
-    def copy_all() -> None:
-        for d, o in zip(dirs, dsts):
-            o.copy_(d)
+    copy_all = copier(retract.directions)
 
     # The relative-step mode's work around one step: record D before it, rescale the step after.
     relative = mdparam.Retraction(md.model, relative_step=True)
@@ -269,7 +265,7 @@ def section_retraction_child(args: argparse.Namespace) -> dict:
     r, rc, rel, c = (statistics.median(t[k]) for k in ("retract", "compiled", "relative", "copy"))
     s = statistics.median(steps["md_step"])
     return {
-        "direction_elements": sum(d.numel() for d in dirs),
+        "direction_elements": sum(d.numel() for d in retract.directions),
         "retract_s": r,
         "retract_compiled_s": rc,
         "relative_s": rel,

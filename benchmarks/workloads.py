@@ -58,13 +58,19 @@ def build_pair(
     autocast_bf16: bool = False,
     seed: int = 0,
     sched: bool = False,
+    register: dict | None = None,
 ) -> tuple[Side, Side]:
-    """A plain and an MD GPT with the same initial function, each with AdamW."""
+    """A plain and an MD GPT with the same initial function, each with AdamW.
+
+    ``register``: more keyword arguments for mdparam.register (``exclude="head"``,
+    ``forward="auto"``).
+    """
     torch.manual_seed(seed)
     plain = GPT(cfg)
     md = copy.deepcopy(plain)
     # the speed suite's opaque-fuse variant runs its child processes with this set
-    mdparam.register(md, fuse=os.environ.get("MDPARAM_BENCH_FUSE", "traced"))
+    fuse = os.environ.get("MDPARAM_BENCH_FUSE", "traced")
+    mdparam.register(md, fuse=fuse, **(register or {}))
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
     y = torch.randint(cfg.vocab_size, (batch, seq), generator=g)
@@ -198,6 +204,19 @@ def _make_step(fwd, opt, x, y, autocast_bf16: bool, scheduler) -> Callable[[], f
         return float(loss.detach())
 
     return step
+
+
+def copier(tensors: list[torch.Tensor]) -> Callable[[], None]:
+    """A function that copies ``tensors`` into buffers of their own: the bandwidth bound
+    the retraction is measured against (it reads and writes the same bytes)."""
+    sources = [t.detach() for t in tensors]
+    buffers = [torch.empty_like(t) for t in sources]
+
+    def copy_all() -> None:
+        for s, b in zip(sources, buffers):
+            b.copy_(s)
+
+    return copy_all
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -92,6 +92,25 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    def tensor_parallel_plan(self, tp: int) -> dict:
+        """torch's tensor-parallel plan for this GPT: attention and MLP split over ``tp`` ranks.
+
+        Also sets every attention to this rank's share of the heads, so call it
+        right before ``parallelize_module``.
+        """
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        if self.cfg.n_head % tp:
+            raise ValueError(f"{self.cfg.n_head} heads do not split over {tp} ranks")
+        plan = {}
+        for i, block in enumerate(self.blocks):
+            for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
+                plan[f"blocks.{i}.{name}"] = ColwiseParallel()
+            for name in ("attn.o", "mlp.down"):
+                plan[f"blocks.{i}.{name}"] = RowwiseParallel()
+            block.attn.n_head = self.cfg.n_head // tp
+        return plan
+
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))

@@ -89,17 +89,8 @@ def shard(model: GPT, args: argparse.Namespace, device: torch.device, world: int
 
     dp = world // args.tp
     mesh = init_device_mesh(device.type, (dp, args.tp), mesh_dim_names=("dp", "tp"))
-    if args.tp > 1:
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-        plan = {}
-        for i, block in enumerate(model.blocks):
-            for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
-                plan[f"blocks.{i}.{name}"] = ColwiseParallel()
-            for name in ("attn.o", "mlp.down"):
-                plan[f"blocks.{i}.{name}"] = RowwiseParallel()
-            block.attn.n_head //= args.tp  # this rank's heads
-        mdparam.parallelize_module(model, mesh["tp"], plan)
+    if args.tp > 1:  # torch's plan; mdparam swaps in styles that shard D and the gains
+        mdparam.parallelize_module(model, mesh["tp"], model.tensor_parallel_plan(args.tp))
     rank = mesh["dp"].get_local_rank()
     if args.ddp:
         net = torch.nn.parallel.DistributedDataParallel(model)

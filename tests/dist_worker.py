@@ -72,19 +72,10 @@ def tensor_parallel(model, world: int, two_d: bool = False):
     """Attention and MLP split over a "tp" mesh (torch's plan, mdparam.parallelize_module);
     with ``two_d``, a (dp, tp) mesh and fully_shard over "dp" on top."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     shape, names = ((2, world // 2), ("dp", "tp")) if two_d else ((world,), ("tp",))
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    tp = mesh["tp"].size()
-    plan = {}
-    for i, block in enumerate(model.blocks):
-        for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
-            plan[f"blocks.{i}.{name}"] = ColwiseParallel()
-        for name in ("attn.o", "mlp.down"):
-            plan[f"blocks.{i}.{name}"] = RowwiseParallel()
-        block.attn.n_head //= tp  # each rank holds n_head / tp heads
-    mdparam.parallelize_module(model, mesh["tp"], plan)
+    mdparam.parallelize_module(model, mesh["tp"], model.tensor_parallel_plan(mesh["tp"].size()))
     if two_d:
         from torch.distributed.fsdp import fully_shard
 
