@@ -89,6 +89,14 @@ def _recipe_of(module: nn.Module) -> Recipe:
 def configure_optimizers(module: nn.Module) -> tuple[list, list[dict]]:
     """What ``configure_optimizers`` returns: the recipe's optimizers and per-step schedulers."""
     made = _recipe_of(module)
+    held = {id(p) for opt in made.optimizers for g in opt.param_groups for p in g["params"]}
+    if not all(id(p) in held for p in made.model.parameters() if p.requires_grad):
+        raise RuntimeError(
+            "mdparam.lightning: the model's parameters changed after configure_model (Lightning's "
+            "FSDP and DeepSpeed strategies replace them), so the recipe's optimizers no longer "
+            "hold them. Use a single-device or DDP strategy, or shard by hand: "
+            "mdparam.register_for_recipe -> fully_shard -> mdparam.recipe"
+        )
     if made.steps is None:  # setup() was not told: decay over the batches Lightning will run
         made.schedule(_stepping_batches(module))
     schedulers = [{"scheduler": s, "interval": "step"} for s in made.schedulers]

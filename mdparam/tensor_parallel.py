@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 from torch.distributed.tensor.parallel import parallelize_module as _torch_parallelize
 
-from .tree import md_parametrization
+from .tree import md_parametrization, registered
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
 
@@ -133,12 +133,24 @@ def parallelize_module(
         return _torch_parallelize(module, device_mesh, _ours(parallelize_plan))
     plan: dict[str, ParallelStyle] = {}
     names = [n for n, _ in module.named_modules()]
+    shared = _shared_directions(module)
     for key, style in parallelize_plan.items():
-        targets = [n for n in names if fnmatch.fnmatchcase(n, key)] or [key]
-        registered = any(
-            md_parametrization(module.get_submodule(n), "weight") is not None
-            for n in targets
-            if n in names
-        )
-        plan[key] = _ours(style) if registered else style
+        targets = [n for n in names if fnmatch.fnmatchcase(n, key)]
+        ours = [n for n in targets if md_parametrization(module.get_submodule(n), "weight")]
+        tied = [n for n in ours if f"{n}.weight" in shared]
+        if tied:
+            raise NotImplementedError(
+                f"mdparam.parallelize_module: {tied[0]!r} shares its direction with another "
+                "layer (tied='share'); tensor parallelism cannot split one of them alone. "
+                "Leave it out of the plan, or register with tied='skip'"
+            )
+        plan[key] = _ours(style) if ours else style
     return _torch_parallelize(module, device_mesh, plan)
+
+
+def _shared_directions(module: nn.Module) -> set[str]:
+    """Qualified tensor names whose direction another registered tensor uses too."""
+    holders: dict[int, list[str]] = {}
+    for e in registered(module):
+        holders.setdefault(id(e.direction), []).append(e.name)
+    return {n for names in holders.values() if len(names) > 1 for n in names}

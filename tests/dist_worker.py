@@ -286,6 +286,28 @@ def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
     (outdir / f"save_fails_{rank}.json").write_text(json.dumps(errors))
 
 
+def scenario_tp_errors(outdir: Path) -> None:
+    """What a user meets with torch's own styles, or with a tied layer in the plan."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    errors = {}
+    model = tiny_gpt()
+    mdparam.register(model)
+    try:
+        parallelize_module(model, mesh, {"blocks.0.mlp.up": ColwiseParallel()})  # torch's own
+    except Exception as e:
+        errors["torch_styles"] = f"{type(e).__name__}: {e}"
+    tied = tiny_gpt(tie_head=True)
+    mdparam.register(tied, tied="share")
+    try:
+        mdparam.parallelize_module(tied, mesh, {"head": ColwiseParallel()})
+    except NotImplementedError as e:
+        errors["tied"] = str(e)
+    (outdir / "tp_errors.json").write_text(json.dumps(errors))
+
+
 def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
     from datetime import timedelta
 
@@ -305,6 +327,8 @@ def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
             scenario_compile_step(rank, world, *args)
         elif scenario == "save_fails":
             scenario_save_fails(rank, world, *args)
+        elif scenario == "tp_errors":
+            scenario_tp_errors(*args)
         elif scenario == "register_after_shard":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard

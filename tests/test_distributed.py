@@ -166,3 +166,12 @@ def test_tensor_parallel_matches_one_process(tp_runs, mode):
     single_plain = tiny_gpt(seed=6)
     single_plain.load_state_dict(single_w, strict=True)
     assert rel_err(plain(x), single_plain(x)) <= 1e-4
+
+
+def test_tensor_parallel_errors_say_what_to_do(tmp_path):
+    launch("tp_errors", tmp_path, world=1)
+    errors = json.loads((tmp_path / "tp_errors.json").read_text())
+    # torch's styles shard `weight` by name, which a registered Linear computes: the
+    # README documents this error and points to mdparam.parallelize_module
+    assert errors["torch_styles"].startswith("KeyError"), errors
+    assert "tied='share'" in errors["tied"] and "Leave it out of the plan" in errors["tied"]
