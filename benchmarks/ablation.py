@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict] = {  # label -> the knob changed; a row equal to a rec
     "AdamW LR (embeddings, head, norms) 1e-3": {"other_lr": 1e-3},
     "AdamW LR (embeddings, head, norms) 1e-2": {"other_lr": 1e-2},
     "AdamW LR (embeddings, head, norms) 3e-2": {"other_lr": 3e-2},
+    "AdamW LR (embeddings, head, norms) 1e-1": {"other_lr": 1e-1},
 }
 
 
@@ -90,6 +91,9 @@ BASELINE_VARIANTS: dict[str, dict[str, dict]] = {
         "weight decay 0.2": {"weight_decay": 0.2},
         "no warmup": {"warmup_frac": 0.0},
         "warmup 10%": {"warmup_frac": 0.1},
+        "AdamW LR (embeddings, head, norms) 1e-2": {"split_lr": True, "other_lr": 1e-2},
+        "AdamW LR (embeddings, head, norms) 3e-2": {"split_lr": True, "other_lr": 3e-2},
+        "AdamW LR (embeddings, head, norms) 1e-1": {"split_lr": True, "other_lr": 1e-1},
     },
 }
 SETTINGS = {"width": 128, "depth": 2, "heads": 4, "block": 128, "batch": 8, "steps": 500}

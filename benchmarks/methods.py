@@ -54,6 +54,9 @@ class RunConfig:
     gain_lr: float = 1e-3  # MD only
     other_lr: float = 3e-3
     weight_decay: float = 0.1  # baselines only
+    # AdamW baseline: embeddings, head and norms at other_lr instead of the one swept lr
+    # (the knob every other method has; benchmarks/ablation.py tunes it)
+    split_lr: bool = False
     warmup_frac: float = 0.05  # baselines only
     clip: float | None = 1.0  # gradient-norm clipping, every method
     # The MD recipe's knobs (mdparam.recipe; the ablation varies them one at a time):
@@ -158,12 +161,16 @@ def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
 
 def _baseline(model: GPT, cfg: RunConfig, lr: float) -> list[torch.optim.Optimizer]:
     if cfg.method == "adamw":
-        mats, rest = _matrices(model, hidden_only=False)
+        mats, rest = _matrices(model, hidden_only=cfg.split_lr)
+        aux_lr = cfg.other_lr if cfg.split_lr else lr
+        emb_head = [p for p in rest if p.ndim == 2]
+        vectors = [p for p in rest if p.ndim != 2]
         groups = [
             {"params": mats, "weight_decay": cfg.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
+            {"params": emb_head, "weight_decay": cfg.weight_decay, "lr": aux_lr},
+            {"params": vectors, "weight_decay": 0.0, "lr": aux_lr},
         ]
-        return [torch.optim.AdamW(groups, lr=lr)]
+        return [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)]
     mats, rest = _matrices(model, hidden_only=True)
     emb_head = [p for p in rest if p.ndim == 2]
     vectors = [p for p in rest if p.ndim != 2]
