@@ -26,6 +26,7 @@ from conftest import FusedExperts, sphere_error, tiny_gpt  # noqa: E402
 import mdparam  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 64
+CLIP = 0.3
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +105,8 @@ def train(
         x, y = x.chunk(parts)[part], y.chunk(parts)[part]
         loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
         loss.backward()
+        # the authors' clipping, global under every kind of sharding; low enough to bite
+        mdparam.clip_grad_norm_(model, CLIP, scope="fused")
         (step_fn or opt.step)()
         sched.step()
         opt.zero_grad(set_to_none=True)
