@@ -45,6 +45,7 @@ RECIPE = {  # the knobs each MD run starts from, per method (mdparam.recipe's de
         "out_scale": True,
         "embed_head": "sphere-gains" if m == "md-muon" else "plain",
         "clip_scope": "fused",
+        "other_lr": 3e-3,
     }
     for m in METHODS
 }

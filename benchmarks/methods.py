@@ -52,7 +52,7 @@ class RunConfig:
     steps: int = 1000
     lr: float | None = None  # None: the method's default below
     gain_lr: float = 1e-3  # MD only
-    other_lr: float = 3e-3
+    other_lr: float | None = None  # None: the recipe's choice (MD), BASELINE_OTHER_LR (baselines)
     weight_decay: float = 0.1  # baselines only
     # AdamW baseline: embeddings, head and norms at other_lr instead of the one swept lr
     # (the knob every other method has; benchmarks/ablation.py tunes it)
@@ -81,6 +81,18 @@ class RunConfig:
                 f"width {self.width} is not divisible by heads {self.heads}; pick a width that "
                 f"is a multiple of the heads (--width/--heads in the main job)"
             )
+
+
+# The AdamW LR of embeddings, head and norms where RunConfig.other_lr is None, as
+# benchmarks/ablation.py tuned it (the MD methods take mdparam.recipe's own choice).
+BASELINE_OTHER_LR = {"muon": 1e-2, "adamw": 3e-2, "sphere": 3e-2}
+
+
+def other_lr_of(cfg: RunConfig) -> float | None:
+    """This run's AdamW LR for embeddings, head and norms (None: the recipe chooses)."""
+    if cfg.other_lr is not None or cfg.method.startswith("md-"):
+        return cfg.other_lr
+    return BASELINE_OTHER_LR[cfg.method]
 
 
 DEFAULT_LR = {
@@ -147,7 +159,7 @@ def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
         lr=lr,
         steps=cfg.steps,
         gain_lr=cfg.gain_lr,
-        other_lr=cfg.other_lr,
+        other_lr=other_lr_of(cfg),
         relative_step=cfg.method == "md-adamw-relative",
         clip=cfg.clip,
         clip_scope=cfg.clip_scope,
@@ -162,7 +174,7 @@ def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
 def _baseline(model: GPT, cfg: RunConfig, lr: float) -> list[torch.optim.Optimizer]:
     if cfg.method == "adamw":
         mats, rest = _matrices(model, hidden_only=cfg.split_lr)
-        aux_lr = cfg.other_lr if cfg.split_lr else lr
+        aux_lr = other_lr_of(cfg) if cfg.split_lr else lr
         emb_head = [p for p in rest if p.ndim == 2]
         vectors = [p for p in rest if p.ndim != 2]
         groups = [
@@ -181,7 +193,7 @@ def _baseline(model: GPT, cfg: RunConfig, lr: float) -> list[torch.optim.Optimiz
                 {"params": emb_head, "weight_decay": cfg.weight_decay},
                 {"params": vectors, "weight_decay": 0.0},
             ],
-            lr=cfg.other_lr,
+            lr=other_lr_of(cfg),
         ),
     ]
 
@@ -199,7 +211,7 @@ def build(cfg: RunConfig) -> Setup:
     if cfg.method == "sphere":
         names = mdparam.register(model, exclude="head", gains="none", init="sphere")
         groups = mdparam.param_groups(
-            model, lr=lr, gain_lr=cfg.gain_lr, other_lr=cfg.other_lr, other_weight_decay=0.0
+            model, lr=lr, gain_lr=cfg.gain_lr, other_lr=other_lr_of(cfg), other_weight_decay=0.0
         )
         opts = [torch.optim.AdamW(groups)]
         retraction = mdparam.Retraction(model)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from methods import METHODS, RunConfig  # noqa: E402
+from methods import METHODS, RunConfig, other_lr_of  # noqa: E402
 
 from runs import RESULTS, ROOT, load, resume, run_rounds, score  # noqa: E402
 
@@ -45,19 +45,21 @@ CENTER = {  # middle of the first grid; the grid then follows the results
 FIRST_GRID = range(-2, 3)
 # The secondary knobs, each tuned at width 128 with the same budget (benchmarks/ablation.py,
 # results/ablation.json) and then fixed: every method's AdamW LR for embeddings, head and
-# norms (the AdamW baseline has one LR for everything), and the MD methods' gain LR.
-OTHER_LR = {
-    "muon": 1e-2,
-    "md-muon": 3e-3,
-    "md-adamw": 3e-3,
-    "md-adamw-relative": 3e-3,
-    "sphere": 3e-3,
-}
-GAIN_LR = {
-    "md-muon": RunConfig.gain_lr,
-    "md-adamw": RunConfig.gain_lr,
-    "md-adamw-relative": RunConfig.gain_lr,
-}
+# norms (the MD methods: mdparam.recipe's choice; the baselines: methods.BASELINE_OTHER_LR)
+# and the MD methods' gain LR (RunConfig's, the recipe's).
+
+
+def secondary_lrs(method: str) -> dict[str, float]:
+    """The LRs besides the swept one that a method's runs use, for the results' settings."""
+    from mdparam.recipe import base_optimizer_of
+
+    cfg = RunConfig(method=method)
+    if method.startswith("md-"):
+        base = base_optimizer_of("muon" if method == "md-muon" else "adamw")
+        return {"other_lr": base.other_lr, "gain_lr": cfg.gain_lr}
+    return {"other_lr": other_lr_of(cfg), **({"split_lr": True} if method == "adamw" else {})}
+
+
 MAX_POINTS = 15
 
 
@@ -155,8 +157,7 @@ def job(
         batch=args.batch,
         steps=args.steps * horizon,
         lr=grid_lr(method, k),
-        other_lr=OTHER_LR.get(method, RunConfig.other_lr),
-        gain_lr=GAIN_LR.get(method, RunConfig.gain_lr),
+        split_lr=method == "adamw",  # its own LR for embeddings, head, norms (ablation)
         seed=seed,
         compile=False,
         eval_batches=args.eval_batches,
@@ -180,8 +181,7 @@ def sweep(args: argparse.Namespace, path: Path) -> None:
         "batch": args.batch,
         "block": args.block,
         "tokens_per_run": args.steps * args.batch * args.block,
-        "other_lr": OTHER_LR,
-        "gain_lr": GAIN_LR,
+        "secondary_lrs": {m: secondary_lrs(m) for m in METHODS},
         "eval_batches": args.eval_batches,
         "grid_factor": "sqrt(2)",
         "recipe": recipe_settings(),

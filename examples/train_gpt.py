@@ -52,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr", type=float, default=None, help="direction LR (MD) or matrix LR (baseline)"
     )
     p.add_argument("--gain-lr", type=float, default=RunConfig.gain_lr)
-    p.add_argument("--other-lr", type=float, default=3e-3, help="embeddings, norms, output head")
+    p.add_argument(
+        "--other-lr",
+        type=float,
+        default=None,
+        help="AdamW LR of embeddings, norms and output head (default: the recipe's choice)",
+    )
     p.add_argument(
         "--text", default=None, help="train on this text file instead of the stdlib corpus"
     )

@@ -198,6 +198,7 @@ class BaseOptimizer:
     name: str
     head_mode: str
     embeddings: str
+    other_lr: float  # AdamW's LR for embeddings, head and norms
 
     def build(
         self, model: nn.Module, hidden: list, aux: list, lrs: dict, relative: bool, options: dict
@@ -235,9 +236,12 @@ class BaseOptimizer:
 
 base_optimizer_of: Kinds[BaseOptimizer] = Kinds("optimizer", BaseOptimizer)
 # Muon: embeddings and head on a unit row sphere, the head with gains (the authors'
-# "embed row" setup); AdamW: both plain. Each choice is a row of benchmarks/ablation.py.
-base_optimizer_of.add(BaseOptimizer("muon", head_mode="sphere-gains", embeddings="sphere"))
-base_optimizer_of.add(BaseOptimizer("adamw", head_mode="plain", embeddings="plain"))
+# "embed row" setup); AdamW: both plain. The AdamW LR of embeddings, head and norms
+# per base optimizer. Each choice is a row of benchmarks/ablation.py.
+base_optimizer_of.add(
+    BaseOptimizer("muon", head_mode="sphere-gains", embeddings="sphere", other_lr=1e-2)
+)
+base_optimizer_of.add(BaseOptimizer("adamw", head_mode="plain", embeddings="plain", other_lr=3e-2))
 BASE_OPTIMIZERS = base_optimizer_of.names
 
 
@@ -248,7 +252,7 @@ def recipe(
     lr: float,
     steps: int | None = None,
     gain_lr: float = 1e-3,
-    other_lr: float = 3e-3,
+    other_lr: float | None = None,
     relative_step: bool = True,
     clip: float | None = 1.0,
     clip_scope: str = "fused",
@@ -280,6 +284,8 @@ def recipe(
             None keeps every LR constant.
         gain_lr, other_lr: AdamW's LRs for the raw gains and for everything
             else (embeddings, norms, biases, the head, their directions).
+            ``other_lr=None``: what measured best with ``optimizer`` (Muon
+            1e-2, AdamW 3e-2).
         relative_step: AdamW only: the hidden directions step by ``lr x R``.
         clip, clip_scope: gradient-norm limit (None: off), measured on the
             fused weights (``"fused"``, the authors') or on directions and
@@ -326,7 +332,11 @@ def recipe(
         )
     _check("clip_scope", clip_scope, CLIP_SCOPES)
     hidden, aux, hidden_names = _split_directions(model, head)
-    lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
+    lrs = {
+        "direction": lr,
+        "gain": gain_lr,
+        "other": base.other_lr if other_lr is None else other_lr,
+    }
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
     optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
     relative = base.name == "adamw" and relative_step
