@@ -268,40 +268,31 @@ def recipe(
 ) -> Recipe:
     """Register ``model`` with the paper's start and build its training step, in one call.
 
-    For training from scratch. A trained model (fine-tuning, ``load_plain``)
-    should keep its function instead: ``mdparam.register(model)`` first (the
-    recipe then builds on that registration), or :func:`mdparam.param_groups`.
-    A model already registered is used as it is: that is also the path for
-    FSDP2 and tensor parallelism (:func:`register_for_recipe`, shard, then this).
+    For training from scratch. A model already registered is used as it is:
+    register trained weights with ``mdparam.register`` (their function kept)
+    first, or :func:`register_for_recipe` and shard (FSDP2, tensor parallel).
 
     Args:
-        model: an unregistered nn.Module; registered here, in place.
-        optimizer: ``"muon"`` (torch.optim.Muon on the hidden directions with
-            the paper's step, AdamW on the rest) or ``"adamw"``.
-        lr: the hidden directions' learning rate: their relative step per
-            step with Muon, and with AdamW when ``relative_step``.
-        steps: the run's length: linear decay to 0 over it, no warmup.
-            None keeps every LR constant.
+        model: an nn.Module; registered here, in place, unless it already is.
+        optimizer: ``"muon"`` (Muon on the hidden directions with the paper's
+            step, AdamW on the rest) or ``"adamw"``.
+        lr: the hidden directions' LR: their relative step per step with Muon,
+            and with AdamW when ``relative_step`` (else a per-element step).
+        steps: the run's length: linear decay to 0 over it, no warmup (None:
+            constant LRs).
         gain_lr, other_lr: AdamW's LRs for the raw gains and for everything
-            else (embeddings, norms, biases, the head, their directions).
-            ``other_lr=None``: what measured best with ``optimizer`` (Muon
-            1e-2, AdamW 3e-2).
+            else (embeddings, norms, biases, head); ``other_lr=None`` takes
+            the base optimizer's own (:data:`BASE_OPTIMIZERS`).
         relative_step: AdamW only: the hidden directions step by ``lr x R``.
-        clip, clip_scope: gradient-norm limit (None: off), measured on the
-            fused weights (``"fused"``, the authors') or on directions and
-            gains (``"all"``); see :func:`mdparam.clip_grad_norm_`.
-        head: a glob naming the output layer (``"lm_head"``); never given to
-            Muon. None: no layer is treated as the head.
-        head_mode, embeddings: ``"plain"`` (left out of MD) or on a unit row
-            sphere (``"sphere"``; ``head_mode="sphere-gains"`` adds row and
-            column gains). None: what measured best with ``optimizer``
-            (Muon: ``"sphere-gains"`` and ``"sphere"``; AdamW: plain).
-        radius_scale: ``{glob on module names: factor}``: a smaller sphere and
-            step for those layers (the authors: residual output projections
-            by 1/sqrt(2 * n_layers)).
-        init: how the hidden matrices start: ``"sphere"`` (the paper's start)
-            or ``"preserve"`` (the model's own init kept); embeddings and head
-            on a unit sphere always start on it.
+        clip, clip_scope: gradient-norm limit (None: off), on the fused
+            weights (``"fused"``) or on all leaves (``"all"``).
+        head: a glob naming the output layer (``"lm_head"``), never given to Muon.
+        head_mode, embeddings: ``"plain"``, or a unit row sphere (``"sphere"``;
+            ``head_mode="sphere-gains"`` adds gains); None: the base optimizer's.
+        radius_scale: ``{module glob: factor}``: a smaller sphere and step
+            (the authors: residual output projections by 1/sqrt(2 * n_layers)).
+        init: how the hidden matrices start, ``"sphere"`` (the paper's) or
+            ``"preserve"``; embeddings and head on a unit sphere start on it.
         include, exclude: as in :func:`mdparam.register`.
         muon_options, adamw_options: more keyword arguments for the optimizers.
 
@@ -316,27 +307,16 @@ def recipe(
         [5.657, 5.657]
     """
     base = base_optimizer_of(optimizer)
-    if registered(model):  # registered by register_for_recipe (and sharded since), or by hand
-        names = [e.name for e in registered(model)]
-    else:
-        names = register_for_recipe(
-            model,
-            base.name,
-            head=head,
-            head_mode=head_mode,
-            embeddings=embeddings,
-            radius_scale=radius_scale,
-            init=init,
-            include=include,
-            exclude=exclude,
-        )
+    choices = dict(head_mode=head_mode, embeddings=embeddings, radius_scale=radius_scale)
+    where = dict(init=init, include=include, exclude=exclude)
+    # a model registered already (register_for_recipe, then sharded; or by hand) stays so
+    names = [e.name for e in registered(model)] or register_for_recipe(
+        model, base.name, head=head, **choices, **where
+    )
     _check("clip_scope", clip_scope, CLIP_SCOPES)
     hidden, aux, hidden_names = _split_directions(model, head)
-    lrs = {
-        "direction": lr,
-        "gain": gain_lr,
-        "other": base.other_lr if other_lr is None else other_lr,
-    }
+    other_lr = base.other_lr if other_lr is None else other_lr
+    lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
     optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
     relative = base.name == "adamw" and relative_step
