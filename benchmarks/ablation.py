@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from methods import RunConfig  # noqa: E402
-
 from runs import RESULTS, load, resume, run_rounds, save, score  # noqa: E402
 
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import mdparam  # noqa: E402
 from readme import insert_if_committed  # noqa: E402
 from workloads import (  # noqa: E402
     _factored_forward,
@@ -59,8 +60,6 @@ from workloads import (  # noqa: E402
     interleaved,
     summary,
 )
-
-import mdparam  # noqa: E402
 
 LABELS = {
     "md": "MLP blocks: MD, W formed (the library)",

@@ -31,7 +31,6 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from methods import METHODS, RunConfig, other_lr_of  # noqa: E402
-
 from runs import RESULTS, ROOT, load, resume, run_rounds, score  # noqa: E402
 
 CENTER = {  # middle of the first grid; the grid then follows the results

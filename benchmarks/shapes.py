@@ -73,9 +73,9 @@ def point_config(name: str) -> dict:
 def measure_point(cfg: dict, repeats: int) -> dict:
     import torch
     from torch._dynamo.utils import counters
-    from workloads import build_pair, interleaved, timed
 
     from examples.gpt import GPTConfig
+    from workloads import build_pair, interleaved, timed
 
     torch.set_num_threads(os.cpu_count() or 1)
     seq = min(cfg["tokens"], 256)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+import mdparam
 from workloads import (
     BENCH_GPT,
     ROOT,
@@ -36,8 +38,6 @@ from workloads import (
     summary,
     timed,
 )
-
-import mdparam
 
 COMMAND = Path(__file__).resolve().with_name("speed.py")  # what the children run
 GLIBC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
