@@ -76,3 +76,9 @@ def byte_batches(n_batches: int, batch: int, block: int, seed: int = 0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Slow tests first (a stable sort), so that two workers start on the long ones and
+    finish together instead of one running the compiled tests alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -36,9 +36,14 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(
-    mode: str, world: int, compile: bool = False, relative: bool = False, attach: bool = True
+    mode: str,
+    world: int,
+    compile: bool = False,
+    relative: bool = False,
+    attach: bool = True,
+    layers: int = 2,
 ):
-    model = tiny_gpt(seed=0)
+    model = tiny_gpt(seed=0, n_layer=layers)
     mdparam.register(model)
     if mode in ("tp", "tp2d"):
         net = tensor_parallel(model, world, two_d=mode == "tp2d")
@@ -120,7 +125,8 @@ def train(
 
 
 def scenario_train(rank: int, world: int, mode: str, outdir: Path, compile: bool = False) -> None:
-    model, fwd, opt, sched, retract = build(mode, world, compile)
+    # compiled: one block, as each block compiles alone (cold compiles cost the suite most)
+    model, fwd, opt, sched, retract = build(mode, world, compile, layers=1 if compile else 2)
     steps = 10 if not compile else 3
     from torch._dynamo.utils import counters
 
@@ -229,7 +235,7 @@ def scenario_compile_step(rank: int, world: int, outdir: Path) -> None:
         runs = {}
         for how in ("attach", "compile_step"):
             model, fwd, opt, sched, retract = build(
-                "fsdp", world, relative=relative, attach=how == "attach"
+                "fsdp", world, relative=relative, attach=how == "attach", layers=1
             )
             step_fn = mdparam.compile_step(opt, retract) if how == "compile_step" else None
             graphs = counters["stats"]["unique_graphs"]

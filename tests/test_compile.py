@@ -19,7 +19,7 @@ from mdparam.sphere import sphere_norm
 def test_compiled_training_has_no_graph_breaks_and_no_recompiles():
     torch._dynamo.reset()
     counters.clear()
-    model = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    model = tiny_gpt(vocab_size=256, block_size=32, n_embd=32, n_layer=1)
     mdparam.register(model)
     opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=1e-2, other_lr=3e-3))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 40)

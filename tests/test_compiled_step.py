@@ -21,7 +21,11 @@ OPTS = {
 
 
 def setup(opt_name, compiled, relative=False, model=None, in_graph=False):
-    model = model if model is not None else tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    model = (
+        model
+        if model is not None
+        else tiny_gpt(vocab_size=256, block_size=32, n_embd=32, n_layer=1)
+    )
     if not mdparam.registered(model):
         mdparam.register(model)
     opt = OPTS[opt_name](mdparam.param_groups(model, lr=0.02, gain_lr=0.01))
@@ -55,7 +59,7 @@ def run(model, opt, sched, step, batches):
 def test_compiled_step_equals_the_eager_step(opt_name, relative, in_graph):
     torch._dynamo.reset()
     counters.clear()
-    base = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    base = tiny_gpt(vocab_size=256, block_size=32, n_embd=32, n_layer=1)
     results = []
     for compiled in (False, True):
         model, opt, sched, step = setup(
@@ -83,7 +87,7 @@ def test_compiled_step_equals_the_eager_step(opt_name, relative, in_graph):
 @pytest.mark.slow
 def test_resume_from_optimizer_state_dict(tmp_path):
     torch._dynamo.reset()
-    base = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    base = tiny_gpt(vocab_size=256, block_size=32, n_embd=32, n_layer=1)
     model, opt, sched, step = setup("adamw", True, model=copy.deepcopy(base))
     run(model, opt, sched, step, byte_batches(3, 4, 32))
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "opt.pt")
@@ -101,7 +105,7 @@ def test_resume_from_optimizer_state_dict(tmp_path):
 
 
 def test_state_dict_has_float_lrs_and_loading_fills_the_lr_tensors():
-    model = tiny_gpt(vocab_size=256, block_size=32, n_embd=32)
+    model = tiny_gpt(vocab_size=256, block_size=32, n_embd=32, n_layer=1)
     mdparam.register(model)
     opt = torch.optim.AdamW(mdparam.param_groups(model, lr=0.02, gain_lr=0.01))
     mdparam.compile_step(opt, mdparam.Retraction(model), compile=False)
