@@ -95,13 +95,13 @@ def other_lr_of(cfg: RunConfig) -> float | None:
     return BASELINE_OTHER_LR[cfg.method]
 
 
-DEFAULT_LR = {
-    "adamw": 3e-3,
-    "md-adamw": 1e-3,
-    "md-adamw-relative": 3e-3,
-    "muon": 2e-2,
+DEFAULT_LR = {  # each method's best LR at width 128 in benchmarks/results/reproduce.json
+    "adamw": 2e-3,
+    "md-adamw": 2e-3,
+    "md-adamw-relative": 5.66e-3,
+    "muon": 2.83e-2,
     "md-muon": 3e-2,
-    "sphere": 2e-2,
+    "sphere": 1.41e-3,
 }
 
 
