@@ -170,8 +170,9 @@ def measure(args: argparse.Namespace, path: Path) -> dict:
     names = args.points or list(POINTS)
     from tqdm import tqdm
 
+    # every point once before any point twice, so that a stopped run still covers the matrix
     todo = [
-        (n, p) for n in names for p in range(args.processes) if f"{n}#{p}" not in data["points"]
+        (n, p) for p in range(args.processes) for n in names if f"{n}#{p}" not in data["points"]
     ]
     for name, proc in tqdm(todo, desc="shape points", unit="process"):
         res = run_point(name, args.repeats)
