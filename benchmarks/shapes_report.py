@@ -63,12 +63,15 @@ def render(data: dict) -> str:
         statistics.median(_get(r, ("compiled", "ratio")) for r in rs) for rs in points.values()
     ]
     eager = [statistics.median(_get(r, ("eager", "ratio")) for r in rs) for rs in points.values()]
-    n = max(len(r) for r in points.values())
+    counts = sorted({len(r) for r in points.values()})
+    n = " or ".join(str(c) for c in counts)
+    repeated = sum(len(r) > 1 for r in points.values())
     lines += [
         "",
         f"Median over the points: compiled {statistics.median(compiled):.3f}x (target 1.02x), "
         f"eager {statistics.median(eager):.3f}x (target 1.05x). Each cell: the median over {n} "
-        "fresh processes (their range in parentheses) of the ratio of medians of interleaved "
+        f"fresh processes ({repeated} of {len(points)} points run in more than one; their range "
+        "in parentheses) of the ratio of medians of interleaved "
         "steps; ✓/✗ against the issue's target (1.03x compiled at >= 1024 tokens per call, "
         "1.10x below). Command: `./run python benchmarks/shapes.py`.",
     ]
