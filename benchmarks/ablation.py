@@ -31,13 +31,16 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from methods import RunConfig  # noqa: E402
+from methods import RunConfig, base_optimizer  # noqa: E402
 from runs import RESULTS, load, resume, run_rounds, save, score  # noqa: E402
 
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")
 BASELINES = {"muon": 0.0283, "adamw": 0.002}  # their best LRs at width 128 (reproduce.json)
 LRS = {"md-muon": 0.0424, "md-adamw": 0.000707, "md-adamw-relative": 0.004}
-RECIPE = {  # the knobs each MD run starts from, per method (mdparam.recipe's defaults)
+# The knobs each MD run starts from, per method: mdparam.recipe's defaults except other_lr,
+# which stays at the 3e-3 this round ran with; its own rows below moved the recipe's
+# default to 1e-2 (Muon) and 3e-2 (AdamW).
+RECIPE = {
     m: {
         "init": "sphere",
         "gain_lr": 1e-3,
@@ -231,7 +234,7 @@ def plot(s: dict, path: Path) -> None:
             ax.plot([row["mean"]], [i], "|", color="k", ms=14, mew=2)
         if (m, "recipe") in s:
             ax.axvline(s[(m, "recipe")]["mean"], color="C2", lw=1, label="recipe (mean)")
-        base = "muon" if m == "md-muon" else "adamw"
+        base = base_optimizer(m)
         if (base, "baseline") in s:
             ax.axvline(s[(base, "baseline")]["mean"], color="C3", ls="--", lw=1, label=f"{base}")
         ax.set_title(f"{m} (lr {LRS[m]})", fontsize=10)

@@ -150,12 +150,17 @@ def _matrices(model: nn.Module, hidden_only: bool) -> tuple[list, list]:
 OUTPUT_PROJECTIONS = ("blocks.*.attn.o", "blocks.*.mlp.down")
 
 
+def base_optimizer(method: str) -> str:
+    """The base optimizer of an MD method, as :func:`mdparam.recipe` names it."""
+    return "muon" if method == "md-muon" else "adamw"
+
+
 def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
     """The MD methods' setup: :func:`mdparam.recipe` with this run's knobs."""
     scale = 1 / math.sqrt(2 * cfg.depth)
     return mdparam.recipe(
         model,
-        "muon" if cfg.method == "md-muon" else "adamw",
+        base_optimizer(cfg.method),
         lr=lr,
         steps=cfg.steps,
         gain_lr=cfg.gain_lr,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from methods import METHODS, RunConfig, other_lr_of  # noqa: E402
+from methods import METHODS, RunConfig, base_optimizer, other_lr_of  # noqa: E402
 from runs import RESULTS, ROOT, load, resume, run_rounds, score  # noqa: E402
 
 CENTER = {  # middle of the first grid; the grid then follows the results
@@ -42,19 +42,20 @@ CENTER = {  # middle of the first grid; the grid then follows the results
     "sphere": 1e-3,
 }
 FIRST_GRID = range(-2, 3)
-# The secondary knobs, each tuned at width 128 with the same budget (benchmarks/ablation.py,
-# results/ablation.json) and then fixed: every method's AdamW LR for embeddings, head and
-# norms (the MD methods: mdparam.recipe's choice; the baselines: methods.BASELINE_OTHER_LR)
-# and the MD methods' gain LR (RunConfig's, the recipe's).
 
 
 def secondary_lrs(method: str) -> dict[str, float]:
-    """The LRs besides the swept one that a method's runs use, for the results' settings."""
+    """The LRs besides the swept one that a method's runs use, for the results' settings.
+
+    Each was tuned at width 128 with the same budget (benchmarks/ablation.py) and then
+    fixed: the AdamW LR for embeddings, head and norms (MD: mdparam.recipe's choice;
+    baselines: methods.BASELINE_OTHER_LR) and the MD gain LR (RunConfig's, the recipe's).
+    """
     from mdparam.recipe import base_optimizer_of
 
     cfg = RunConfig(method=method)
     if method.startswith("md-"):
-        base = base_optimizer_of("muon" if method == "md-muon" else "adamw")
+        base = base_optimizer_of(base_optimizer(method))
         return {"other_lr": base.other_lr, "gain_lr": cfg.gain_lr}
     return {"other_lr": other_lr_of(cfg), **({"split_lr": True} if method == "adamw" else {})}
 

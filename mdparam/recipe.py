@@ -282,7 +282,7 @@ def recipe(
             constant LRs).
         gain_lr, other_lr: AdamW's LRs for the raw gains and for everything
             else (embeddings, norms, biases, head); ``other_lr=None`` takes
-            the base optimizer's own (:data:`BASE_OPTIMIZERS`).
+            the base optimizer's own: 1e-2 with Muon, 3e-2 with AdamW.
         relative_step: AdamW only: the hidden directions step by ``lr x R``.
         clip, clip_scope: gradient-norm limit (None: off), on the fused
             weights (``"fused"``) or on all leaves (``"all"``).
