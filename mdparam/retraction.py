@@ -11,11 +11,19 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import norm_strategy
-from .layouts import to_matrix, write_back
-from .sphere import sphere_norm
+from .layouts import matrix_shape, to_matrix, write_back
+from .sphere import norm_dtype, sphere_norm, sphere_of
 from .tree import registered, unique_directions
 
-__all__ = ["RelativeStep", "Retraction", "RetractionError", "relative_step_", "retract_"]
+__all__ = [
+    "RelativeStep",
+    "Retraction",
+    "RetractionError",
+    "RetractionGroups",
+    "relative_step_",
+    "retract_",
+    "retract_grouped_",
+]
 
 
 Selector = str | Iterable[str] | Callable[[str], bool]
@@ -74,6 +82,82 @@ def retract_(
 _TINY = 1e-30
 
 
+class RetractionGroups:
+    """Which directions the eager retraction rescales together, and which one by one.
+
+    A direction that is one unit of its sphere (a flat sphere on a single
+    matrix) is normed as a whole tensor. Neighbours of one dtype and device go
+    in chunks of up to ``chunk_bytes`` (None: no limit, the default); each chunk
+    takes one ``_foreach_norm`` and one ``_foreach_mul_``, instead of the four
+    small ops per tensor, with Python in between, that the loop of
+    :func:`retract_` spends its time on when a model is made of many small
+    matrices. Row and column spheres, and batched matrices, keep the
+    per-tensor path.
+    """
+
+    def __init__(
+        self,
+        directions: Sequence[Tensor],
+        spheres: Sequence[str],
+        layouts: Sequence[str],
+        chunk_bytes: int | None = None,
+    ) -> None:
+        self.chunks: list[list[int]] = []
+        self.rest: list[int] = []
+        size, key = 0, None
+        for i, (d, sphere, layout) in enumerate(zip(directions, spheres, layouts)):
+            if not sphere_of(sphere).whole_tensor(matrix_shape(d.shape, layout)):
+                self.rest.append(i)
+                continue
+            nbytes = d.numel() * d.element_size()
+            full = chunk_bytes is not None and size + nbytes > chunk_bytes
+            if key != (d.dtype, d.device) or full:
+                self.chunks.append([])
+                size, key = 0, (d.dtype, d.device)
+            self.chunks[-1].append(i)
+            size += nbytes
+        self._radii: dict[tuple, Tensor] = {}
+
+    def radius_vector(self, radii: list[float | Tensor], like: Tensor) -> Tensor:
+        """The radii of one chunk as a vector like its norms (cached while they are floats)."""
+        if not all(isinstance(r, float) for r in radii):
+            return torch.stack([torch.as_tensor(r).to(like).reshape(()) for r in radii])
+        key = (tuple(radii), like.dtype, like.device)
+        if key not in self._radii:
+            self._radii[key] = torch.tensor(radii, dtype=like.dtype, device=like.device)
+        return self._radii[key]
+
+
+def retract_grouped_(
+    directions: Sequence[Tensor],
+    spheres: Sequence[str],
+    layouts: Sequence[str],
+    radii: Sequence[float | Tensor],
+    groups: RetractionGroups,
+) -> list[Tensor]:
+    """:func:`retract_` chunk by chunk (see :class:`RetractionGroups`): the same result up
+    to rounding, the norms in the same order (0-d for whole-tensor directions)."""
+    used: list[Tensor | None] = [None] * len(directions)
+    for idx in groups.chunks:
+        tensors = [directions[i] for i in idx]
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors[0].dtype)))
+        scales = groups.radius_vector([radii[i] for i in idx], norms) / norms.clamp_min(_TINY)
+        torch._foreach_mul_(tensors, list(scales.unbind()))
+        for i, n in zip(idx, norms.unbind()):
+            used[i] = n
+    if groups.rest:
+        pick = groups.rest
+        rest = retract_(
+            [directions[i] for i in pick],
+            [spheres[i] for i in pick],
+            [layouts[i] for i in pick],
+            [radii[i] for i in pick],
+        )
+        for i, n in zip(pick, rest):
+            used[i] = n
+    return used
+
+
 def relative_step_(
     directions: Sequence[Tensor],
     previous: Sequence[Tensor],
@@ -109,8 +193,10 @@ def relative_step_(
 class Retraction:
     """Callable that puts every direction of a registered model back on its sphere.
 
-    The work is one pass over the direction tensors: each is normed and
-    rescaled while still in cache. ``compile=True`` captures that pass with
+    Eagerly, the directions that are one unit of their sphere (flat spheres)
+    take one ``_foreach_norm`` and one ``_foreach_mul_`` per dtype
+    (:class:`RetractionGroups`); row and column spheres are normed and
+    rescaled one tensor at a time. ``compile=True`` captures the per-tensor pass with
     ``torch.compile(fullgraph=True, dynamic=False)``, once, on first call.
     ``compile="auto"`` (default) compiles on accelerators, where one graph
     saves a kernel launch per tensor, and runs eagerly on the CPU, where
@@ -186,6 +272,7 @@ class Retraction:
         self.compiled = bool(compile)
         self.check = check
         self._fn = torch.compile(retract_, fullgraph=True, dynamic=False) if compile else retract_
+        self.groups = RetractionGroups(self.directions, self.spheres, self.layouts)
         chosen = _relative_indices(relative_step, self.names)
         self.relative = RelativeStep(self, chosen, compile=self.compiled) if chosen else None
         self.calls = 0  # retractions run (a public seam for tests and logs)
@@ -233,8 +320,11 @@ class Retraction:
         local, radii = self.local(), self.radii()
         if relative_lrs is not None and self.relative is not None:
             self.relative.apply(local, radii, relative_lrs)
-        fn = retract_ if torch.compiler.is_compiling() else self._fn  # inside a traced step
-        return fn(local, self.spheres, self.layouts, radii, self.norms.norms(local))
+        if torch.compiler.is_compiling():  # inside a traced step: one fused graph
+            return retract_(local, self.spheres, self.layouts, radii, self.norms.norms(local))
+        if not self.compiled and not self.norms.sharded:
+            return retract_grouped_(local, self.spheres, self.layouts, radii, self.groups)
+        return self._fn(local, self.spheres, self.layouts, radii, self.norms.norms(local))
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -254,9 +344,8 @@ class Retraction:
         rows) agree on the outcome through one small all-reduce, so that every
         rank raises together rather than one rank leaving the others waiting.
         """
-        flat = torch.cat([n.reshape(-1) for n in norms])
-        bad_here = not bool(torch.isfinite(flat).all() & (flat > 0).all())
-        if self.norms.agree(bad_here, flat.device) and not bad_here:
+        bad_here = not _all_positive_finite(norms)
+        if self.norms.agree(bad_here, norms[0].device) and not bad_here:
             raise RetractionError(
                 "mdparam.Retraction: another rank found a direction with a zero or non-finite "
                 "norm after the optimizer step; see that rank's error for the layer. Lower "
@@ -421,6 +510,14 @@ class RelativeStep:
             list(lrs),
             norm_fn,
         )
+
+
+def _all_positive_finite(norms: list[Tensor]) -> bool:
+    """Whether every norm is > 0 and finite (one read back from the device)."""
+    scalars = [n for n in norms if n.dim() == 0]  # stacked in one call, not reshaped one by one
+    parts = [torch.stack(scalars)] if scalars else []
+    flat = torch.cat(parts + [n.reshape(-1) for n in norms if n.dim() > 0])
+    return bool(flat.log().isfinite().all())  # log: 0 -> -inf, inf -> inf, NaN -> NaN
 
 
 def _relative_lr(group: dict) -> Tensor | float:

@@ -77,6 +77,10 @@ class Sphere:
         """How many units (rows, columns or the whole matrix) one matrix has."""
         raise NotImplementedError
 
+    def whole_tensor(self, mshape: tuple[int, ...]) -> bool:
+        """Whether a tensor whose matrix view has shape ``mshape`` is one unit of this sphere."""
+        return False
+
     def shape_radius(self, d_out: int, d_in: int) -> float:
         """Radius per unit of the ``"shape"`` policy: ||D||_F = sqrt(max(d_out, d_in))."""
         return math.sqrt(max(d_out, d_in) / self.units(d_out, d_in))
@@ -118,6 +122,9 @@ class FlatSphere(Sphere):
 
     def units(self, d_out: int, d_in: int) -> int:
         return 1
+
+    def whole_tensor(self, mshape: tuple[int, ...]) -> bool:
+        return len(mshape) == 2  # batched matrices are normed one by one
 
     def can_absorb(self, gains: GainKind) -> bool:
         return bool(gains.roles)

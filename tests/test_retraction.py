@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import mdparam
+from mdparam.retraction import RetractionGroups, retract_
 
 
 def test_retraction_restores_every_sphere_kind():
@@ -113,3 +114,54 @@ def test_retraction_writes_back_into_a_channels_last_convolution():
         d.mul_(3.0)
     mdparam.Retraction(conv)()
     assert float(d.detach().norm()) == pytest.approx(36**0.5, rel=1e-6)
+
+
+def _mixed_model() -> tuple[nn.Module, mdparam.Retraction]:
+    """Whole-tensor directions (fp32, bf16, a conv, an 'init' radius) next to row/col spheres."""
+    model = nn.Sequential(
+        nn.Embedding(10, 8),  # row sphere: per-tensor path
+        nn.Linear(8, 12),
+        nn.Linear(12, 8),  # col sphere (override): per-tensor path
+        nn.Linear(8, 8).bfloat16(),
+        nn.Conv1d(8, 6, 3),
+        nn.Linear(6, 5),
+    )
+    mdparam.register(
+        model, layers="all", overrides={"2": {"sphere": "col"}, "5": {"radius": "init"}}
+    )
+    return model, mdparam.Retraction(model)
+
+
+def test_retraction_groups_whole_tensors_by_dtype_and_leaves_row_and_col_spheres_alone():
+    _, retract = _mixed_model()
+    chunked = [retract.names[i] for c in retract.groups.chunks for i in c]
+    rest = [retract.names[i] for i in retract.groups.rest]
+    assert sorted(chunked) == ["1.weight", "3.weight", "4.weight", "5.weight"]
+    assert sorted(rest) == ["0.weight", "2.weight"]
+    for chunk in retract.groups.chunks:  # one dtype per chunk
+        assert len({retract.directions[i].dtype for i in chunk}) == 1
+    batched = RetractionGroups([torch.randn(2, 4, 5)], ["flat"], ["batched"])
+    assert batched.chunks == [] and batched.rest == [0]  # one norm per matrix, not per tensor
+    small = torch.randn(4, 4)
+    split = RetractionGroups([small] * 3, ["flat"] * 3, ["linear"] * 3, chunk_bytes=128)
+    assert split.chunks == [[0, 1], [2]]
+
+
+def test_grouped_retraction_matches_the_per_tensor_loop():
+    _, retract = _mixed_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for d in retract.directions:
+            d.mul_(torch.rand_like(d) + 0.5)
+    before = [d.detach().clone() for d in retract.directions]
+    expected_norms = retract_(before, retract.spheres, retract.layouts, retract.radii())
+    with torch.no_grad():
+        norms = retract.retract_tensors()
+    for name, d, want in zip(retract.names, retract.directions, before):
+        tol = 1e-2 if d.dtype == torch.bfloat16 else 1e-6
+        assert torch.allclose(d.detach().float(), want.float(), rtol=tol, atol=tol * 1e-2), name
+    for n, want in zip(norms, expected_norms):
+        assert torch.allclose(n.float().reshape(-1), want.float().reshape(-1), rtol=1e-5)
+    retract()  # on the sphere already: the check passes and nothing moves
+    for d, want in zip(retract.directions, before):
+        assert torch.allclose(d.detach().float(), want.float(), rtol=1e-2, atol=1e-4)
