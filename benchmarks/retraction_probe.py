@@ -1,20 +1,25 @@
-"""Where the eager retraction's slow mode goes: its time next to its parts, with page faults.
+"""The eager retraction's slow mode: which part of it slows down, and when.
 
-    ./run python benchmarks/retraction_probe.py [--depth 2] [--eager]
+    ./run python benchmarks/retraction_probe.py [--processes 3] [--depth 2]
+    OMP_NUM_THREADS=1 ./run python benchmarks/retraction_probe.py
 
-Builds the shape matrix's GPT (width 512, vocab 256, 8x128 tokens, compiled), then
-times, interleaved (medians of 15), the retraction, a copy of the directions into
-buffers of their own, an in-place foreach multiply of the directions, their foreach
-norms (read only) and a clone, each with the minor page faults it caused; before any
-training step, after 3 and 13 compiled steps, and after a 5 s pause. Ends with a
-torch.profiler table of 10 retractions. Prints only; the README quotes its runs.
+Builds the shape matrix's GPT (width 512, vocab 256, 8x128 tokens, compiled) in fresh
+processes and, after every two compiled training steps, times interleaved (medians of
+11) on the directions: the retraction, the per-tensor loop it replaced, a copy into
+buffers of their own (the bound), their foreach norms (read only), an in-place foreach
+multiply by 1.0 on its own, and the same multiply right after a foreach norm of the same
+tensors (only the multiply timed), with the minor page faults of each. A round is marked
+slow when the retraction takes over 2x the copy. Prints the rounds; the README quotes
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -23,56 +28,81 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import torch  # noqa: E402
-from torch.profiler import profile  # noqa: E402
 
+from mdparam.retraction import retract_  # noqa: E402
 from workloads import BENCH_GPT, build_pair, copier  # noqa: E402
 
 
-def measure(tag: str, ops: dict, reps: int = 15) -> None:
+def operations(r, dirs: list[torch.Tensor]) -> dict:
+    """name -> function; a function may return the seconds to count (else the call is timed)."""
+
+    @torch.no_grad()
+    def per_tensor() -> None:
+        r.check_norms(retract_(r.directions, r.spheres, r.layouts, r.radii()))
+
+    def mul_after_norm() -> float:
+        torch._foreach_norm(dirs)
+        t0 = time.perf_counter()
+        torch._foreach_mul_(dirs, 1.0)
+        return time.perf_counter() - t0
+
+    return {
+        "retract": r,
+        "per_tensor": per_tensor,
+        "copy": copier(dirs),
+        "norm": lambda: torch._foreach_norm(dirs),
+        "mul": lambda: torch._foreach_mul_(dirs, 1.0),
+        "norm>mul": mul_after_norm,
+    }
+
+
+def measure(ops: dict, reps: int = 11) -> dict:
     times = {k: [] for k in ops}
     faults = dict.fromkeys(ops, 0)
     for _ in range(reps):
         for name, fn in ops.items():
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            out = fn()
+            times[name].append(out if isinstance(out, float) else time.perf_counter() - t0)
             faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    cells = [
-        f"{k} {statistics.median(v) * 1e3:.2f} ms / {faults[k] // reps} faults"
-        for k, v in times.items()
-    ]
-    print(f"{tag:<15}", " | ".join(cells), flush=True)
+    return {
+        k: {"ms": statistics.median(v) * 1e3, "faults": faults[k] // reps} for k, v in times.items()
+    }
+
+
+def child(depth: int, rounds: int) -> list[dict]:
+    cfg = replace(BENCH_GPT, n_layer=depth, vocab_size=256)
+    _, md = build_pair(cfg, compiled=True, batch=8, seq=128)
+    ops = operations(md.retraction, [d.detach() for d in md.retraction.directions])
+    out = []
+    for _ in range(rounds):
+        md.step()
+        md.step()
+        out.append(measure(ops))
+    return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--eager", action="store_true", help="train steps not compiled")
+    p.add_argument("--processes", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    cfg = replace(BENCH_GPT, n_layer=args.depth, vocab_size=256)
-    _, md = build_pair(cfg, compiled=not args.eager, batch=8, seq=128)
-    dirs = [d.detach() for d in md.retraction.directions]
-    ops = {
-        "retract": md.retraction,
-        "copy": copier(dirs),
-        "inplace_mul": lambda: torch._foreach_mul_(dirs, 1.0),
-        "norm_read": lambda: torch._foreach_norm(dirs),
-        "clone": lambda: [d.clone() for d in dirs],
-    }
-    measure("fresh", ops)
-    done = 0
-    for total in (3, 13):
-        for _ in range(total - done):
-            md.step()
-        done = total
-        measure(f"after {total} steps", ops)
-    time.sleep(5)
-    measure("after 5 s pause", ops)
-    with profile() as prof:
-        for _ in range(10):
-            md.retraction()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    if args.child:
+        print(json.dumps(child(args.depth, args.rounds)))
+        return
+    cmd = [sys.executable, __file__, "--child", "--depth", str(args.depth)]
+    cmd += ["--rounds", str(args.rounds)]
+    for proc in range(args.processes):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for i, res in enumerate(json.loads(done.stdout.strip().splitlines()[-1])):
+            slow = res["retract"]["ms"] > 2 * res["copy"]["ms"]
+            cells = " | ".join(f"{k} {v['ms']:.2f} ms/{v['faults']}f" for k, v in res.items())
+            print(f"process {proc} round {i} {'SLOW' if slow else 'ok  '} {cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def measure(args: argparse.Namespace, results: dict, path: Path) -> None:
             t0 = time.time()
             res = run_section(name, args)
             res["seconds"] = round(time.time() - t0, 1)
+            res["date"] = time.strftime("%Y-%m-%d")
             results.setdefault(alloc, {})[name] = res
             path.write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
 
@@ -106,8 +107,9 @@ def main() -> None:
     if args.report:
         print(write_report(results, out_dir))
         return
-    results["machine"] = machine_info()
-    results["workload"] = workload_info(args.repeats)
+    if set(args.sections) == set(SECTIONS) or "machine" not in results:
+        results["machine"] = machine_info()  # a partial re-run keeps the suite's date
+        results["workload"] = workload_info(args.repeats)
     measure(args, results, path)
     print(write_report(results, out_dir))
 

@@ -208,10 +208,20 @@ def _footer(r: dict) -> str:
     """The machine, the copy bandwidth and the command under the table."""
     m = r.get("machine", {})
     bw = result(r, "default", ("retraction", "copy_bandwidth_GBps"))
+    later = sorted(
+        {
+            f"{name} {res['date']}"
+            for alloc in ("default", "tuned")
+            for name, res in r.get(alloc, {}).items()
+            if res.get("date") not in (None, m.get("date"))
+        }
+    )
+    rerun = f" (sections re-run since: {', '.join(later)})" if later else ""
     return (
         f"Machine: {m.get('cpu_count')} cores, {m.get('platform')}, torch {m.get('torch')}, "
-        f"measured {m.get('date')}. Copy bandwidth in the retraction run: {fmt(bw, '{:.1f} GB/s')}. "
-        "Command: `./run bench` (results in benchmarks/results/speed.json).\n"
+        f"measured {m.get('date')}{rerun}. Copy bandwidth in the retraction run: "
+        f"{fmt(bw, '{:.1f} GB/s')}. Command: `./run bench` (results in "
+        "benchmarks/results/speed.json; `--sections NAME` re-runs one section).\n"
     )
 
 
