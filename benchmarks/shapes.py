@@ -3,6 +3,7 @@
     ./run python benchmarks/shapes.py                  # every point (resumes), then the report
     ./run python benchmarks/shapes.py --report         # table and heatmap from the JSON
     ./run python benchmarks/shapes.py --points w256 t128 --repeats 6
+    ./run python benchmarks/shapes.py --retraction-only  # re-time only the retraction
 
 Points vary one axis at a time around a centre (the benchmark GPT of the speed
 suite: width 512, depth 4, vocab 256, 1024 tokens per call, fp32): width
@@ -107,6 +108,24 @@ def measure_point(cfg: dict, repeats: int) -> dict:
     return out
 
 
+def measure_retraction(cfg: dict, repeats: int) -> dict:
+    """Only the retraction columns of a point (after the retraction's code changed)."""
+    import torch
+
+    from examples.gpt import GPTConfig
+    from workloads import build_pair
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    seq = min(cfg["tokens"], 256)
+    gpt = GPTConfig(cfg["vocab"], seq, cfg["depth"], cfg["width"] // 64, cfg["width"])
+    kw = dict(batch=cfg["tokens"] // seq, seq=seq, autocast_bf16=cfg["dtype"] == "bf16")
+    register = {"exclude": "head"} if cfg["head"] == "plain" else {}
+    _, md = build_pair(gpt, compiled=True, register={**register, "forward": "auto"}, **kw)
+    for _ in range(3):
+        md.step()
+    return {"retraction": retraction_in_loop(md, repeats)}
+
+
 def retraction_in_loop(md, repeats: int) -> dict:
     """The retraction and a copy of the directions, alone and right after training steps."""
     from workloads import copier
@@ -155,10 +174,11 @@ def recompiles_with_changing_lr(md, steps: int = 6) -> int:
 # --- the matrix -----------------------------------------------------------------------------
 
 
-def run_point(name: str, repeats: int) -> dict:
+def run_point(name: str, repeats: int, retraction_only: bool = False) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # cold compiles
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     cmd = [sys.executable, __file__, "--child", name, "--repeats", str(repeats)]
+    cmd += ["--retraction-only"] if retraction_only else []
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"point {name} failed:\n{done.stderr[-3000:]}")
@@ -169,6 +189,15 @@ def measure(args: argparse.Namespace, path: Path) -> dict:
     data = json.loads(path.read_text()) if path.exists() else {"points": {}}
     names = args.points or list(POINTS)
     from tqdm import tqdm
+
+    if args.retraction_only:  # every measured process of the chosen points, in place
+        keys = [k for k, v in data["points"].items() if v["point"] in names]
+        for key in tqdm(keys, desc="retraction", unit="process"):
+            entry = data["points"][key]
+            entry.setdefault("retraction_before", entry["retraction"])
+            entry.update(run_point(entry["point"], args.repeats, retraction_only=True))
+            path.write_text(json.dumps(data, indent=1) + "\n")
+        return data
 
     # every point once before any point twice, so that a stopped run still covers the matrix
     todo = [
@@ -190,10 +219,16 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--report", action="store_true")
+    p.add_argument(
+        "--retraction-only",
+        action="store_true",
+        help="re-time only the retraction of the points already measured (old kept)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure_point(point_config(args.child), args.repeats)))
+        fn = measure_retraction if args.retraction_only else measure_point
+        print(json.dumps(fn(point_config(args.child), args.repeats)))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

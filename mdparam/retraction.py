@@ -88,11 +88,19 @@ class RetractionGroups:
     A direction that is one unit of its sphere (a flat sphere on a single
     matrix) is normed as a whole tensor. Neighbours of one dtype and device go
     in chunks of up to ``chunk_bytes`` (None: no limit, the default); each chunk
-    takes one ``_foreach_norm`` and one ``_foreach_mul_``, instead of the four
-    small ops per tensor, with Python in between, that the loop of
-    :func:`retract_` spends its time on when a model is made of many small
-    matrices. Row and column spheres, and batched matrices, keep the
-    per-tensor path.
+    takes its norms (a BLAS dot per fp32/fp64 tensor, else one
+    ``_foreach_norm``), a few ops on the vector of norms and one
+    ``_foreach_mul_``, instead of the four small ops per tensor, with Python in
+    between, of the loop in :func:`retract_`. Row and column spheres, and
+    batched matrices, keep the per-tensor path.
+
+    Example:
+        >>> import torch
+        >>> from mdparam.retraction import RetractionGroups
+        >>> ts = [torch.randn(4, 4), torch.randn(2, 3, 3), torch.randn(4, 4)]
+        >>> g = RetractionGroups(ts, ["flat", "flat", "row"], ["linear", "batched", "linear"])
+        >>> g.chunks, g.rest  # batched: one norm per matrix; row: one per row
+        ([[0]], [1, 2])
     """
 
     def __init__(
@@ -140,7 +148,7 @@ def retract_grouped_(
     used: list[Tensor | None] = [None] * len(directions)
     for idx in groups.chunks:
         tensors = [directions[i] for i in idx]
-        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors[0].dtype)))
+        norms = _whole_norms(tensors)
         scales = groups.radius_vector([radii[i] for i in idx], norms) / norms.clamp_min(_TINY)
         torch._foreach_mul_(tensors, list(scales.unbind()))
         for i, n in zip(idx, norms.unbind()):
@@ -156,6 +164,24 @@ def retract_grouped_(
         for i, n in zip(pick, rest):
             used[i] = n
     return used
+
+
+def _whole_norms(tensors: list[Tensor]) -> Tensor:
+    """Frobenius norm of each tensor (one dtype), as one vector.
+
+    fp32/fp64 take a BLAS dot per tensor rather than ``_foreach_norm``: on two
+    threads the dot splits the data between threads as the rescale that follows
+    does, while the norm's reduction splits it otherwise, and writing lines the
+    other core has just read cost 4-7x in some processes here (README, "The
+    shape matrix"). Other dtypes are normed in fp32.
+    """
+    if tensors[0].dtype in (torch.float32, torch.float64):
+        sq = [
+            torch.dot(t.view(-1), t.view(-1)) if t.is_contiguous() else t.square().sum()
+            for t in tensors
+        ]
+        return torch.stack(sq).sqrt()
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors[0].dtype)))
 
 
 def relative_step_(
@@ -194,7 +220,7 @@ class Retraction:
     """Callable that puts every direction of a registered model back on its sphere.
 
     Eagerly, the directions that are one unit of their sphere (flat spheres)
-    take one ``_foreach_norm`` and one ``_foreach_mul_`` per dtype
+    are normed together and rescaled by one ``_foreach_mul_`` per dtype
     (:class:`RetractionGroups`); row and column spheres are normed and
     rescaled one tensor at a time. ``compile=True`` captures the per-tensor pass with
     ``torch.compile(fullgraph=True, dynamic=False)``, once, on first call.
