@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +59,7 @@ def variants(retraction) -> dict:
 def child(shape: str, repeats: int) -> dict:
     """One process: every variant alone, then right after eager training steps."""
     from examples.gpt import GPTConfig
-    from workloads import build_pair
+    from workloads import build_pair, timed
 
     width, depth = SHAPES[shape]
     gpt = GPTConfig(256, 256, depth, width // 64, width)
@@ -70,21 +69,15 @@ def child(shape: str, repeats: int) -> dict:
     inside = {k: [] for k in ops}
     for _ in range(repeats):
         for k, f in ops.items():
-            alone[k].append(_timed(f))
+            alone[k].append(timed(f))
     names = list(ops)
     for _ in range(max(1, repeats // 3)):
         for i in range(len(names)):
             md.step()
             for k in names[i:] + names[:i]:
-                inside[k].append(_timed(ops[k]))
+                inside[k].append(timed(ops[k]))
     tensors = len(md.retraction.directions)
     return {"alone": _ratios(alone), "inside": _ratios(inside), "tensors": tensors}
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _ratios(times: dict) -> dict:

@@ -71,18 +71,26 @@ def point_config(name: str) -> dict:
 # --- one point, in a child process ----------------------------------------------------------
 
 
-def measure_point(cfg: dict, repeats: int) -> dict:
+def pair_args(cfg: dict) -> tuple:
+    """A point's GPT config, build_pair keywords and registration (head plain or not)."""
     import torch
-    from torch._dynamo.utils import counters
 
     from examples.gpt import GPTConfig
-    from workloads import build_pair, interleaved, timed
 
     torch.set_num_threads(os.cpu_count() or 1)
     seq = min(cfg["tokens"], 256)
     gpt = GPTConfig(cfg["vocab"], seq, cfg["depth"], cfg["width"] // 64, cfg["width"])
     kw = dict(batch=cfg["tokens"] // seq, seq=seq, autocast_bf16=cfg["dtype"] == "bf16")
     register = {"exclude": "head"} if cfg["head"] == "plain" else {}
+    return gpt, kw, register
+
+
+def measure_point(cfg: dict, repeats: int) -> dict:
+    from torch._dynamo.utils import counters
+
+    from workloads import build_pair, interleaved, timed
+
+    gpt, kw, register = pair_args(cfg)
     out: dict = {}
     for mode in ("eager", "compiled"):
         compiled = mode == "compiled"
@@ -110,16 +118,9 @@ def measure_point(cfg: dict, repeats: int) -> dict:
 
 def measure_retraction(cfg: dict, repeats: int) -> dict:
     """Only the retraction columns of a point (after the retraction's code changed)."""
-    import torch
-
-    from examples.gpt import GPTConfig
     from workloads import build_pair
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    seq = min(cfg["tokens"], 256)
-    gpt = GPTConfig(cfg["vocab"], seq, cfg["depth"], cfg["width"] // 64, cfg["width"])
-    kw = dict(batch=cfg["tokens"] // seq, seq=seq, autocast_bf16=cfg["dtype"] == "bf16")
-    register = {"exclude": "head"} if cfg["head"] == "plain" else {}
+    gpt, kw, register = pair_args(cfg)
     _, md = build_pair(gpt, compiled=True, register={**register, "forward": "auto"}, **kw)
     for _ in range(3):
         md.step()

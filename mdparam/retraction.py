@@ -172,16 +172,20 @@ def _whole_norms(tensors: list[Tensor]) -> Tensor:
     fp32/fp64 take a BLAS dot per tensor rather than ``_foreach_norm``: on two
     threads the dot splits the data between threads as the rescale that follows
     does, while the norm's reduction splits it otherwise, and writing lines the
-    other core has just read cost 4-7x in some processes here (README, "The
-    shape matrix"). Other dtypes are normed in fp32.
+    other core has just read cost 4-7x in some processes here (README,
+    "Retraction"). Other dtypes are normed in fp32.
     """
     if tensors[0].dtype in (torch.float32, torch.float64):
-        sq = [
-            torch.dot(t.view(-1), t.view(-1)) if t.is_contiguous() else t.square().sum()
-            for t in tensors
-        ]
-        return torch.stack(sq).sqrt()
+        return torch.stack([_squared_norm(t) for t in tensors]).sqrt()
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype(tensors[0].dtype)))
+
+
+def _squared_norm(t: Tensor) -> Tensor:
+    """Sum of squares: a dot on the flat view, or (no flat view) the norm squared."""
+    if t.is_contiguous():
+        flat = t.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(t).square()  # no temporary the size of t
 
 
 def relative_step_(
