@@ -66,6 +66,7 @@ class RunConfig:
     # choice for the base optimizer (Muon: "sphere-gains", AdamW: "plain")
     embed_head: str | None = None
     clip_scope: str = "fused"  # "fused" (dL/dW, the authors') or "all"
+    fused_step: bool = True  # MD only: mdparam.recipe's fused step (False: W formed in the forward)
     seed: int = 0
     compile: bool = True
     eval_every: int = 0  # 0: only at the end
@@ -173,6 +174,7 @@ def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
         embeddings=None if cfg.embed_head is None else cfg.embed_head.split("-")[0],
         radius_scale=dict.fromkeys(OUTPUT_PROJECTIONS, scale) if cfg.out_scale else None,
         init=cfg.init,
+        fused=cfg.fused_step,
     )
 
 
@@ -271,7 +273,7 @@ def train(cfg: RunConfig, corpus: Corpus, *, progress: bool = False, on_step=Non
             diverged = True
         value = float(loss.detach())
         losses.append(value)
-        if cfg.track_stats and setup.retraction is not None:
+        if cfg.track_stats and setup.recipe is not None:
             record = mdparam.stats(model, per_layer=False)
             if "mdparam/direction_step" in record:
                 stats.append((step + 1, record))

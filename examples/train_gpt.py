@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text", default=None, help="train on this text file instead of the stdlib corpus"
     )
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument(
+        "--formed-step",
+        action="store_true",
+        help="MD: the recipe's step that forms W in the forward (fused=False) instead of the fused step",
+    )
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--sample-bytes", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         other_lr=args.other_lr,
         seed=args.seed,
         compile=not args.no_compile,
+        fused_step=not args.formed_step,
         eval_every=args.eval_every,
         track_stats=True,
     )

@@ -34,6 +34,7 @@ from .checkpoint_format import (
     training_metadata,
 )
 from .distributed import any_rank, is_sharded
+from .fused_weights import refresh_kept
 from .safetensors_io import (
     CheckpointReader,
     atomic_path,
@@ -337,6 +338,7 @@ def load_training(model: nn.Module, path: str | os.PathLike) -> None:
         with torch.no_grad():
             for k in st.keys:
                 st.tensors[k].copy_(reader.get(k))
+    refresh_kept(model)
 
 
 def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
@@ -377,6 +379,7 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
             new = _split_plain(st, plan, lambda k: get(read_as.get(k, k)), label)
             for dest, value in new:  # everything computed first, copied last
                 dest.copy_(value)
+        refresh_kept(model)
     finally:
         if reader is not None:
             reader.close()

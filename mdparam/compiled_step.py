@@ -11,10 +11,10 @@ from torch import Tensor
 from .retraction import Retraction
 from .torch_optim import mark_stepped, undecorated_step, with_step_hooks
 
-__all__ = ["CompiledStep", "compile_step"]
+__all__ = ["CompiledStep", "compile_step", "tensor_lrs"]
 
 
-def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
+def tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
     """Float learning rates become 0-d tensors, so a scheduler changing them is not a recompile.
 
     Schedulers write into tensor LRs in place (``fill_``). The optimizer's
@@ -94,7 +94,7 @@ class CompiledStep:
                 "mdparam.compile_step: differentiable optimizers are not supported; build the "
                 "optimizer with differentiable=False or call optimizer.step() yourself"
             )
-        _tensor_lrs(optimizer)
+        tensor_lrs(optimizer)
         # torch.optim's step() graph-breaks around its body to switch grad mode off;
         # calling the undecorated body inside our own no_grad keeps step and
         # retraction in one graph. Its hooks are run around it, outside the graph.

@@ -34,11 +34,17 @@ class GainKind:
         *batch, d_out, d_in = mshape
         return (*batch, {"row_gain": d_out, "col_gain": d_in, "scalar_gain": 1}[role])
 
-    def magnitudes(self, raw_gains: tuple[Tensor, ...], gain_map: GainMap) -> tuple[Tensor, ...]:
-        """phi of each raw gain, shaped to broadcast against the matrix, row factor first."""
-        return tuple(
-            gain_map(raw).unsqueeze(_AXIS[role]) for role, raw in zip(self.roles, raw_gains)
-        )
+    def magnitudes(
+        self, raw_gains: tuple[Tensor, ...], gain_map: GainMap, *, traced: bool = False
+    ) -> tuple[Tensor, ...]:
+        """phi of each raw gain, shaped to broadcast against the matrix, row factor first.
+
+        ``traced=True`` gives inductor phi's own ops even where the map is
+        otherwise one opaque op under torch.compile (the fused step, where
+        they join its kernels instead of costing a dispatch each).
+        """
+        phi = gain_map.phi if traced else gain_map
+        return tuple(phi(raw).unsqueeze(_AXIS[role]) for role, raw in zip(self.roles, raw_gains))
 
     def __repr__(self) -> str:
         return f"GainKind({self.name!r})"

@@ -89,7 +89,7 @@ def _recipe_of(module: nn.Module) -> Recipe:
 def configure_optimizers(module: nn.Module) -> tuple[list, list[dict]]:
     """What ``configure_optimizers`` returns: the recipe's optimizers and per-step schedulers."""
     made = _recipe_of(module)
-    held = {id(p) for opt in made.optimizers for g in opt.param_groups for p in g["params"]}
+    held = {id(p) for p in made.trainable()}
     if not all(id(p) in held for p in made.model.parameters() if p.requires_grad):
         raise RuntimeError(
             "mdparam.lightning: the model's parameters changed after configure_model (Lightning's "
@@ -106,7 +106,7 @@ def configure_optimizers(module: nn.Module) -> tuple[list, list[dict]]:
 def clip(module: nn.Module) -> Tensor | None:
     """Clip as the recipe says (for ``configure_gradient_clipping`` in automatic mode)."""
     made = _recipe_of(module)
-    if made.clip is None:
+    if made.clip is None or made.fused is not None:  # the fused step clips inside
         return None
     return clip_grad_norm_(made.model, made.clip, scope=made.clip_scope)
 

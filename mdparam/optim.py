@@ -28,6 +28,12 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             "mdparam: the model has no MD-parametrized tensor, so there are no directions or "
             "gains to group; call mdparam.register(model) before building the optimizer"
         )
+    if any(e.parametrization.fused is not None for e in registered(model)):
+        raise ValueError(
+            "mdparam: the model is set up for the fused step (mdparam.recipe with fused=True), "
+            "whose directions and gains take no gradient of their own; train it with that "
+            "recipe's step, or build the recipe with fused=False to use another optimizer"
+        )
     out: dict[str, list[nn.Parameter]] = {r: [] for r in ROLES}
     for p in model.parameters():
         if p.requires_grad:

@@ -22,6 +22,7 @@ from .sphere import Sphere, sphere_of
 
 __all__ = [
     "GAINS",
+    "FusedWeight",
     "Geometry",
     "MDConfig",
     "MagnitudeDirection",
@@ -105,10 +106,13 @@ class MDConfig:
         )
 
 
-def gain_magnitudes(raw_gains: tuple[Tensor, ...], config: MDConfig) -> tuple[Tensor, ...]:
-    """phi of each raw gain, shaped to broadcast against the matrix view, row factor first."""
+def gain_magnitudes(
+    raw_gains: tuple[Tensor, ...], config: MDConfig, *, traced: bool = False
+) -> tuple[Tensor, ...]:
+    """phi of each raw gain, shaped to broadcast against the matrix view, row factor first
+    (``traced``: see :meth:`mdparam.gains.GainKind.magnitudes`)."""
     g = config.geometry
-    return g.gains.magnitudes(tuple(raw_gains), g.gain_map)
+    return g.gains.magnitudes(tuple(raw_gains), g.gain_map, traced=traced)
 
 
 def fuse(
@@ -281,6 +285,8 @@ class MagnitudeDirection(nn.Module):
         self.opaque_fuse = False  # register(fuse="opaque"): see fuse()
         self.forward_mode = "formed"  # register(forward=...): see mdparam.forward
         self._assigning = "preserve"  # how right_inverse splits a weight; see assigning()
+        # The fused step (mdparam.FusedWeights): W kept as a Parameter the forward returns.
+        self.fused: FusedWeight | None = None
         if radius is not None:
             self.register_buffer("radius", radius)
         else:
@@ -308,6 +314,8 @@ class MagnitudeDirection(nn.Module):
         return self.config.radius if self.radius is None else self.radius
 
     def forward(self, direction: Tensor, *raw_gains: Tensor) -> Tensor:
+        if self.fused is not None:
+            return self.fused.read(direction, raw_gains)
         return fuse(direction, raw_gains, self.config, opaque=self.opaque_fuse)
 
     @torch.no_grad()
@@ -351,6 +359,45 @@ class MagnitudeDirection(nn.Module):
             f"gains={cfg.gains}, sphere={cfg.sphere}, radius={radius}, "
             f"gain_map={cfg.gain_map}, layout={cfg.layout}"
         )
+
+
+class FusedWeight:
+    """W = fuse(D, gains) kept as a Parameter, for a forward that reads W instead of forming it.
+
+    The fused step (:class:`mdparam.FusedMDOptimizer`) writes W after every
+    update of D and the gains, so the model's forward and backward are the
+    plain model's. ``versions`` are the version counters of D, the gains and
+    W when W was last written: an in-place write since then (a user's
+    ``D.mul_(2)`` under ``torch.no_grad()``, a ``load_state_dict``) changes
+    them. An eager forward then recomputes W (:meth:`read`); a compiled one
+    cannot look, so the optimizer checks before its step.
+    """
+
+    def __init__(self, weight: nn.Parameter, config: MDConfig) -> None:
+        self.weight = weight
+        self.config = config
+        self.versions: tuple[int, ...] = ()
+
+    def read(self, direction: Tensor, raw_gains: tuple[Tensor, ...]) -> Tensor:
+        if not torch.compiler.is_compiling() and self.stale(direction, raw_gains):
+            self.refresh(direction, raw_gains)
+        return self.weight
+
+    def stale(self, direction: Tensor, raw_gains: tuple[Tensor, ...]) -> bool:
+        return self.versions != _versions(direction, raw_gains, self.weight)
+
+    @torch.no_grad()
+    def refresh(self, direction: Tensor, raw_gains: tuple[Tensor, ...]) -> None:
+        """W <- fuse(D, gains), and remember the versions that W now reflects."""
+        self.weight.copy_(fuse(direction, raw_gains, self.config))
+        self.record(direction, raw_gains)
+
+    def record(self, direction: Tensor, raw_gains: tuple[Tensor, ...]) -> None:
+        self.versions = _versions(direction, raw_gains, self.weight)
+
+
+def _versions(direction: Tensor, raw_gains: tuple[Tensor, ...], weight: Tensor) -> tuple[int, ...]:
+    return (direction._version, *(g._version for g in raw_gains), weight._version)
 
 
 def absorb_hint(sphere: Sphere) -> str:

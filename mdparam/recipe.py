@@ -16,6 +16,7 @@ loaded with :func:`mdparam.load_plain`), keep its function instead:
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from .clipping import CLIP_SCOPES, clip_grad_norm_
+from .distributed import is_sharded
+from .fused_math import AdamHyper, MuonHyper
+from .fused_optim import FusedMDOptimizer
+from .fused_weights import FusedWeights
 from .kinds import Kinds
 from .optim import muon_param_groups, param_groups
 from .register import register, remove
@@ -57,21 +62,48 @@ class Recipe:
             directions and carries the retraction, so it steps last.
         schedulers: one LambdaLR per optimizer (linear decay, or constant).
         retraction: the :class:`mdparam.Retraction`, attached to the last
-            optimizer.
+            optimizer (None with the fused step, which retracts itself).
         registered: the qualified names of the parametrized tensors.
         clip: the gradient-norm limit (None: no clipping).
         clip_scope: ``"fused"`` or ``"all"`` (see :func:`mdparam.clip_grad_norm_`).
         steps: the length of the linear decay (None: constant LRs).
+        fused: the kept weights of the fused step (None: the step forms W in
+            the forward, as with any optimizer).
+        fallback: why the fused step was asked for but not used (None if it was).
     """
 
     model: nn.Module
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
-    retraction: Retraction
+    retraction: Retraction | None
     registered: list[str] = field(default_factory=list)
     clip: float | None = 1.0
     clip_scope: str = "fused"
     steps: int | None = None
+    fused: FusedWeights | None = None
+    fallback: str | None = None
+
+    def __repr__(self) -> str:
+        kind = "fused" if self.fused is not None else "formed"
+        why = f", fallback={self.fallback!r}" if self.fallback else ""
+        opts = ", ".join(type(o).__name__ for o in self.optimizers)
+        return (
+            f"Recipe(step={kind!r}{why}, optimizers=[{opts}], tensors={len(self.registered)}, "
+            f"clip={self.clip}, steps={self.steps})"
+        )
+
+    def refresh(self) -> None:
+        """After writing into directions or gains by hand: recompute the weights the forward
+        reads (fused step only; nothing to do otherwise)."""
+        if self.fused is not None:
+            self.fused.refresh()
+
+    def trainable(self) -> list[Tensor]:
+        """Every tensor that takes a gradient in training: the optimizers' own, and the
+        kept weights of the fused step (which the fused optimizer reads but does not hold)."""
+        held = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        kept = self.fused.weights() if self.fused is not None else []
+        return [p for p in held if p.requires_grad] + kept
 
     def schedule(self, steps: int | None) -> None:
         """Decay every LR linearly to 0 over ``steps`` from the start (None: constant).
@@ -90,10 +122,14 @@ class Recipe:
         """Clip, step every optimizer (the retraction runs last), advance the schedule,
         zero the gradients. Returns the gradient norm before clipping (None without clipping)."""
         norm = None
-        if self.clip is not None:
+        if self.fused is not None:
+            self.optimizers[0].step()  # clips inside
+            norm = self.optimizers[0].last_norm
+        elif self.clip is not None:
             norm = clip_grad_norm_(self.model, self.clip, scope=self.clip_scope)
-        for opt in self.optimizers:
-            opt.step()
+        if self.fused is None:
+            for opt in self.optimizers:
+                opt.step()
         for sched in self.schedulers:
             sched.step()
         self.zero_grad()
@@ -265,6 +301,8 @@ def recipe(
     exclude: Any = None,
     muon_options: Mapping[str, Any] | None = None,
     adamw_options: Mapping[str, Any] | None = None,
+    fused: bool = True,
+    compile: bool = True,
 ) -> Recipe:
     """Register ``model`` with the paper's start and build its training step, in one call.
 
@@ -295,6 +333,15 @@ def recipe(
             ``"preserve"``; embeddings and head on a unit sphere start on it.
         include, exclude: as in :func:`mdparam.register`.
         muon_options, adamw_options: more keyword arguments for the optimizers.
+        fused: the fused step (default): the forward reads a kept W, and one
+            optimizer step does clipping, the chain rule to D and the gains,
+            the base optimizer, the relative step, the retraction and writes W
+            back. Where it cannot (FSDP2, tensor parallel, a model wrapped in
+            DDP before the recipe, ``clip_scope="all"``, other optimizer
+            options), the recipe warns once and takes the step that forms W in
+            the forward (``fused=False``), and ``repr`` says why.
+        compile: the fused step as one ``torch.compile`` graph per dtype and
+            device (False: eager, for debugging).
 
     Example:
         >>> import torch, mdparam
@@ -318,13 +365,87 @@ def recipe(
     other_lr = base.other_lr if other_lr is None else other_lr
     lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
-    optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
     relative = base.name == "adamw" and relative_step
+    fallback = _why_not_fused(model, clip_scope, options) if fused else None
+    if fused and fallback is None:
+        kept = FusedWeights(model)
+        groups = _fused_groups(model, kept, base.name, hidden, aux, lrs, relative)
+        opt = FusedMDOptimizer(kept, groups, max_norm=clip, compile=compile, **_hypers(options))
+        made = Recipe(model, [opt], [], None, names, clip, clip_scope, fused=kept)
+        made.schedule(steps)
+        return made
+    if fallback is not None:
+        warnings.warn(
+            f"mdparam.recipe: the fused step is not used ({fallback}); training forms W in the "
+            "forward instead, which is slower per step",
+            stacklevel=2,
+        )
+    optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
     retraction = Retraction(model, relative_step=_in(set(hidden_names)) if relative else False)
     retraction.attach(optimizers[-1])  # holds the hidden directions, steps last
-    made = Recipe(model, optimizers, [], retraction, names, clip, clip_scope)
+    made = Recipe(model, optimizers, [], retraction, names, clip, clip_scope, fallback=fallback)
     made.schedule(steps)
     return made
+
+
+_ADAMW_KEYS = {"betas", "eps", "weight_decay"}  # weight_decay: every group sets its own
+_MUON_KEYS = {"momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "weight_decay"}
+
+
+def _why_not_fused(model: nn.Module, clip_scope: str, options: dict) -> str | None:
+    """Why the fused step cannot train this model as asked, or None."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return "the model is wrapped in DDP already: build the recipe first, then wrap it"
+    if any(is_sharded(p) for p in model.parameters()):
+        return "the model is sharded (FSDP2 or tensor parallel)"
+    if clip_scope != "fused":
+        return f"clip_scope={clip_scope!r} needs the gradients of D and the gains themselves"
+    extra = set(options["adamw"]) - _ADAMW_KEYS
+    extra |= set(options["muon"]) - _MUON_KEYS
+    if options["muon"].get("adjust_lr_fn") not in (None, "original"):
+        extra.add("adjust_lr_fn")
+    if extra:
+        return f"optimizer options {sorted(extra)} are not implemented in it"
+    return None
+
+
+def _hypers(options: dict) -> dict[str, Any]:
+    adam = {k: v for k, v in options["adamw"].items() if k in ("betas", "eps")}
+    muon = {k: v for k, v in options["muon"].items() if k in _MUON_KEYS - {"weight_decay"}}
+    if "betas" in adam:
+        adam["betas"] = tuple(adam["betas"])
+    if "ns_coefficients" in muon:
+        muon["ns_coefficients"] = tuple(muon["ns_coefficients"])
+    return {"adam": AdamHyper(**adam), "muon": MuonHyper(**muon)}
+
+
+def _fused_groups(
+    model: nn.Module,
+    kept: FusedWeights,
+    update: str,
+    hidden: list,
+    aux: list,
+    lrs: dict,
+    relative: bool,
+) -> list[dict[str, Any]]:
+    """The fused optimizer's groups: the same roles and LRs as the recipe's other step."""
+    gains = [g for e in kept.entries for g in e.gains]
+    md = {id(t) for e in kept.entries for t in (e.direction, *e.gains)}
+    md |= {id(W) for W in kept.weights()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in md]
+    groups = [
+        {
+            "params": hidden,
+            "lr": lrs["direction"],
+            "mdparam_role": "direction",
+            "update": update,
+            "relative": relative,
+        },
+        {"params": aux, "lr": lrs["other"], "mdparam_role": "direction", "update": "adamw"},
+        {"params": gains, "lr": lrs["gain"], "mdparam_role": "gain"},
+        {"params": rest, "lr": lrs["other"], "mdparam_role": "other", "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def register_for_recipe(

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from .adapters import adapter_for
 from .forward import install_forward, uninstall_forward
+from .fused_weights import refresh_kept
 from .gains import gain_kind_of
 from .layouts import layout_of
 from .options import DEFAULTS, OPTION_NAMES, Options
@@ -449,7 +450,9 @@ def remove(model: nn.Module) -> list[str]:
     for e, direction, value in fused:
         shared = plain_for.get(id(direction))
         if shared is None:
-            shared = nn.Parameter(value, requires_grad=direction.requires_grad)
+            # under the fused step D takes no gradient itself, but the weight trains
+            trains = direction.requires_grad or e.parametrization.fused is not None
+            shared = nn.Parameter(value, requires_grad=trains)
             plain_for[id(direction)] = shared
         _unparametrize(e.module, e.tensor_name, shared)
     return [e.name for e in entries]
@@ -497,4 +500,5 @@ def reinitialize(model: nn.Module, fn: Callable[[nn.Module], None] | None = None
         for e, value in zip(entries, values):
             with e.parametrization.assigning(e.parametrization.init):
                 setattr(e.module, e.tensor_name, value)
+    refresh_kept(model)
     return [e.name for e in entries]

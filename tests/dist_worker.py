@@ -317,6 +317,78 @@ def scenario_tp_errors(outdir: Path) -> None:
     (outdir / "tp_errors.json").write_text(json.dumps(errors))
 
 
+def scenario_recipe(rank: int, world: int, mode: str, outdir: Path) -> None:
+    """The recipe's fused step under DDP (recipe, then DDP); under FSDP2 and tensor
+    parallelism (register_for_recipe, shard, recipe) the recipe falls back, once, loudly."""
+    import warnings
+
+    model = tiny_gpt(seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode in ("single", "ddp"):
+            train = mdparam.recipe(model, "adamw", lr=0.02, steps=10, head="head", clip=CLIP)
+        else:
+            mdparam.register_for_recipe(model, "adamw", head="head")
+            if mode == "fsdp":
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = init_device_mesh("cpu", (world,))
+                for block in model.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+            else:
+                tensor_parallel(model, world)
+            train = mdparam.recipe(model, "adamw", lr=0.02, steps=10, head="head", clip=CLIP)
+    net = torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
+    reduced = sorted(n for n, p in net.named_parameters() if p.requires_grad)
+    losses = []
+    part, parts = data_part(mode, rank, world)
+    for step in range(10):
+        x, y = batch(step)
+        loss = F.cross_entropy(
+            net(x.chunk(parts)[part]).flatten(0, 1), y.chunk(parts)[part].flatten()
+        )
+        loss.backward()
+        train.step()
+        value = loss.detach().clone()
+        if mode != "single":
+            dist.all_reduce(value)
+            value /= world
+        losses.append(float(value))
+    sphere = sphere_error(model)  # gathers sharded directions: every rank takes part
+    if rank == 0:
+        (outdir / f"recipe_{mode}.json").write_text(
+            json.dumps(
+                {
+                    "losses": losses,
+                    "repr": repr(train),
+                    "fused": train.fused is not None,
+                    "warnings": [str(w.message) for w in caught if "fused step" in str(w.message)],
+                    "reduced": reduced,
+                    "sphere": sphere,
+                }
+            )
+        )
+
+
+def scenario_ddp_before_recipe(rank: int, world: int, outdir: Path) -> None:
+    """DDP built before the recipe made the kept weights: the first step says what to do."""
+    model = tiny_gpt(seed=0)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    train = mdparam.recipe(model, "adamw", lr=0.02, head="head", compile=False)
+    x, y = batch(0)
+    part = x.chunk(world)[rank], y.chunk(world)[rank]
+    F.cross_entropy(net(part[0]).flatten(0, 1), part[1].flatten()).backward()
+    try:
+        train.step()
+        message = ""
+    except RuntimeError as e:
+        message = str(e)
+    if rank == 0:
+        (outdir / "ddp_before.txt").write_text(message)
+
+
 def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
     from datetime import timedelta
 
@@ -330,6 +402,10 @@ def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
             scenario_train(rank, world, *args)
         elif scenario == "dcp":
             scenario_dcp(rank, world, *args)
+        elif scenario == "recipe":
+            scenario_recipe(rank, world, *args)
+        elif scenario == "ddp_before_recipe":
+            scenario_ddp_before_recipe(rank, world, *args)
         elif scenario == "kinds":
             scenario_kinds(rank, world, *args)
         elif scenario == "compile_step":

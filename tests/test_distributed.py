@@ -10,12 +10,13 @@ differences are printed with -s.
 """
 
 import json
+import math
 
 import pytest
 import safetensors.torch
 import torch
 from conftest import rel_err, tiny_gpt
-from dist_worker import batch, launch, scenario_kinds, scenario_train
+from dist_worker import batch, launch, scenario_kinds, scenario_recipe, scenario_train
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +176,43 @@ def test_tensor_parallel_errors_say_what_to_do(tmp_path):
     # README documents this error and points to mdparam.parallelize_module
     assert errors["torch_styles"].startswith("KeyError"), errors
     assert "tied='share'" in errors["tied"] and "Leave it out of the plan" in errors["tied"]
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    scenario_recipe(0, 1, "single", out)
+    for mode in ("ddp", "fsdp", "tp"):
+        launch("recipe", mode, out)
+    return {
+        m: json.loads((out / f"recipe_{m}.json").read_text())
+        for m in ("single", "ddp", "fsdp", "tp")
+    }
+
+
+def test_fused_recipe_under_ddp_reduces_dl_dw_and_matches_one_process(recipe_runs):
+    single, ddp = recipe_runs["single"], recipe_runs["ddp"]
+    assert single["fused"] and ddp["fused"] and not ddp["warnings"]
+    # DDP reduces the kept weights' gradients and the plain parameters', never D's or the gains'
+    assert all(".0.fused_weight" in n or "parametrizations" not in n for n in ddp["reduced"])
+    assert any(n.endswith(".0.fused_weight") for n in ddp["reduced"])
+    err = max(abs(a - b) / abs(b) for a, b in zip(ddp["losses"], single["losses"]))
+    print(f"fused recipe, DDP vs one process: max relative loss difference {err:.2e}")
+    assert err <= 1e-5
+    assert ddp["sphere"] <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "tp"])
+def test_fused_recipe_on_a_sharded_model_falls_back_once_and_says_so(recipe_runs, mode):
+    run = recipe_runs[mode]
+    assert not run["fused"]
+    assert len(run["warnings"]) == 1 and "sharded" in run["warnings"][0]
+    assert "fallback=" in run["repr"] and "sharded" in run["repr"]
+    assert run["sphere"] <= 1e-5  # the formed step trained it, back on the sphere each step
+    assert all(math.isfinite(v) for v in run["losses"])
+
+
+def test_ddp_wrapped_before_the_fused_recipe_is_refused_at_the_first_step(tmp_path):
+    launch("ddp_before_recipe", tmp_path)
+    message = (tmp_path / "ddp_before.txt").read_text()
+    assert "wrapped in DDP before mdparam.recipe" in message and "recipe -> DDP" in message

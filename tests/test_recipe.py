@@ -195,9 +195,27 @@ def test_clipping_rejects_bad_arguments():
 # --- the recipe's step -----------------------------------------------------------------------
 
 
+def test_fused_recipe_sets_the_gain_lr_and_the_other_lr():
+    model = tiny_gpt()
+    train = mdparam.recipe(
+        model, "muon", lr=0.02, gain_lr=7e-4, other_lr=2e-3, head="head", compile=False
+    )
+    (opt,) = train.optimizers
+    by = {(g["mdparam_role"], g.get("update")): g for g in opt.param_groups}
+    assert float(by["gain", None]["lr"]) == pytest.approx(7e-4)  # fp32 tensors: no recompiles
+    assert float(by["other", None]["lr"]) == pytest.approx(2e-3)
+    assert by["other", None]["weight_decay"] == 0.0
+    hidden = {id(e.direction) for e in mdparam.registered(model) if e.name.startswith("blocks.")}
+    assert {id(p) for p in by["direction", "muon"]["params"]} == hidden
+    aux = by["direction", "adamw"]  # embeddings and head (unit rows): AdamW at other_lr
+    assert float(aux["lr"]) == pytest.approx(2e-3) and len(aux["params"]) == 3
+
+
 def test_recipe_sets_the_gain_lr_and_the_other_lr():
     model = tiny_gpt()
-    train = mdparam.recipe(model, "muon", lr=0.02, gain_lr=7e-4, other_lr=2e-3, head="head")
+    train = mdparam.recipe(
+        model, "muon", lr=0.02, gain_lr=7e-4, other_lr=2e-3, head="head", fused=False
+    )
     adamw, muon = train.optimizers
     roles = {g["mdparam_role"]: g for g in adamw.param_groups if g["mdparam_role"] != "direction"}
     assert roles["gain"]["lr"] == 7e-4 and roles["gain"]["weight_decay"] == 0.0
@@ -226,7 +244,12 @@ def test_embeddings_and_head_on_a_unit_row_sphere(head_mode):
     assert entries["head.weight"].config.gains == (
         "rowcol" if head_mode == "sphere-gains" else "none"
     )
-    muon_ids = {id(p) for g in train.optimizers[-1].param_groups for p in g["params"]}
+    muon_ids = {
+        id(p)
+        for g in train.optimizers[-1].param_groups
+        if g.get("update") == "muon"
+        for p in g["params"]
+    }
     for name in ("tok.weight", "pos.weight", "head.weight"):
         assert id(entries[name].direction) not in muon_ids  # Adam steps them, not Muon
     for _ in range(3):
@@ -258,7 +281,7 @@ def test_recipe_decays_the_lr_linearly_without_warmup():
     train = mdparam.recipe(model, "adamw", lr=0.01, steps=4, head="head")
     seen = []
     for _ in range(4):
-        seen.append(train.optimizers[0].param_groups[0]["lr"])
+        seen.append(float(train.optimizers[0].param_groups[0]["lr"]))
         _loss(model).backward()
         train.step()
     assert seen == pytest.approx([0.01, 0.0075, 0.005, 0.0025])

@@ -1,0 +1,259 @@
+"""The recipe's whole training step against plain torch, fused step and formed step side by side.
+
+    ./run python benchmarks/fused_step.py              # 3 shapes x 2 optimizers, both allocators
+    ./run python benchmarks/fused_step.py --shapes 256x4 --processes 1 --allocators default
+
+Workload: the example GPT (pre-LN, GELU MLP, untied head), byte vocabulary
+(256), 8 x 128 tokens per step, fp32, ``torch.compile(model, fullgraph=True)``,
+gradient clipping at 1.0 on every side. Per shape and base optimizer:
+
+- ``plain``: the plain model; AdamW (or Muon on the blocks' matrices and
+  AdamW on the rest), ``torch.nn.utils.clip_grad_norm_``;
+- ``fused``: ``mdparam.recipe(model, opt, ...)``, the default fused step;
+- ``formed``: the same recipe with ``fused=False`` (W formed in the forward).
+
+Speed: the three step in turn (plain, fused, formed, plain, ...) in one
+process; each side's median over the timed steps; ratios of medians, over
+``--processes`` fresh processes per allocator setting. Memory and cold
+compile: each side alone in a fresh process with an empty inductor cache:
+the seconds of its first two steps, and the process's peak RSS after 10.
+Results: benchmarks/results/fused_step.json and .md (the README shows the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import mdparam  # noqa: E402
+from examples.gpt import GPT, GPTConfig  # noqa: E402
+from readme import RESULTS, insert_if_committed  # noqa: E402
+
+SHAPES = {"256x4": (256, 4), "384x4": (384, 4), "512x6": (512, 6)}
+OPTIMIZERS = ("adamw", "muon")
+SIDES = ("plain", "fused", "formed")
+ALLOCATORS = {
+    "default": {},
+    "tuned": {
+        "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+    },
+}
+LR = {"adamw": 0.02, "muon": 0.02}  # speed does not depend on it; a plausible value
+
+
+def plain_optimizers(model: GPT, optimizer: str) -> list[torch.optim.Optimizer]:
+    if optimizer == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)]
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.0)]
+
+
+def build_side(side: str, width: int, layers: int, optimizer: str):
+    """A step function: forward, backward, clip, optimizer step(s), zero grads."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=256, block_size=128, n_layer=layers, n_head=width // 64, n_embd=width
+    )
+    model = GPT(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 128), generator=g)
+    y = torch.randint(0, 256, (8, 128), generator=g)
+    if side == "plain":
+        opts = plain_optimizers(model, optimizer)
+        fwd = torch.compile(model, fullgraph=True)
+
+        def step() -> None:
+            F.cross_entropy(fwd(x).flatten(0, 1), y.flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for o in opts:
+                o.step()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+
+        return step
+    train = mdparam.recipe(
+        model, optimizer, lr=LR[optimizer], steps=10_000, head="head", fused=side == "fused"
+    )
+    fwd = torch.compile(model, fullgraph=True)
+
+    def md_step() -> None:
+        F.cross_entropy(fwd(x).flatten(0, 1), y.flatten()).backward()
+        train.step()
+
+    return md_step
+
+
+def child_speed(args: argparse.Namespace) -> dict:
+    width, layers = SHAPES[args.shape]
+    steps = {s: build_side(s, width, layers, args.optimizer) for s in SIDES}
+    for _ in range(3):  # compile and warm up
+        for s in SIDES:
+            steps[s]()
+    times: dict[str, list[float]] = {s: [] for s in SIDES}
+    for _ in range(args.repeats):
+        for s in SIDES:
+            t0 = time.perf_counter()
+            steps[s]()
+            times[s].append(time.perf_counter() - t0)
+    med = {s: statistics.median(t) for s, t in times.items()}
+    return {
+        "median_ms": {s: 1e3 * m for s, m in med.items()},
+        "ratio": {s: med[s] / med["plain"] for s in SIDES},
+    }
+
+
+def child_memory(args: argparse.Namespace) -> dict:
+    width, layers = SHAPES[args.shape]
+    step = build_side(args.side, width, layers, args.optimizer)
+    t0 = time.perf_counter()
+    step()
+    step()
+    cold = time.perf_counter() - t0
+    for _ in range(8):
+        step()
+    return {
+        "cold_s": cold,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_child(flags: list[str], env_extra: dict, fresh_cache: bool = False) -> dict:
+    env = {**os.environ, **env_extra, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as cache:
+        if fresh_cache:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", *flags], env=env, capture_output=True, text=True
+        )
+    if out.returncode != 0:
+        raise RuntimeError(f"child {flags} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, data: dict, path: Path) -> None:
+    todo = [(s, o) for s in args.shapes for o in args.optimizers]
+    for n, (shape, opt) in enumerate(todo, 1):
+        point = data.setdefault(f"{shape}/{opt}", {"speed": {}, "memory": {}})
+        for alloc in args.allocators:
+            runs = [
+                run_child(
+                    [
+                        "--what",
+                        "speed",
+                        "--shape",
+                        shape,
+                        "--optimizer",
+                        opt,
+                        "--repeats",
+                        str(args.repeats),
+                    ],
+                    ALLOCATORS[alloc],
+                )
+                for _ in range(args.processes)
+            ]
+            point["speed"][alloc] = runs
+            ratios = {s: [round(r["ratio"][s], 3) for r in runs] for s in ("fused", "formed")}
+            print(f"[{n}/{len(todo)}] {shape} {opt} {alloc}: {ratios}", flush=True)
+            path.write_text(json.dumps(data, indent=1))
+        if args.memory:
+            for side in SIDES:
+                flags = ["--what", "memory", "--shape", shape, "--optimizer", opt, "--side", side]
+                point["memory"][side] = run_child(flags, {}, fresh_cache=True)
+            print(f"[{n}/{len(todo)}] {shape} {opt} memory: {point['memory']}", flush=True)
+            path.write_text(json.dumps(data, indent=1))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def report(data: dict) -> str:
+    """The Markdown table: ratios to plain per allocator, peak RSS and cold compile."""
+    allocs = sorted({a for p in data.values() for a in p["speed"]})
+    head = ["shape / optimizer"]
+    for a in allocs:
+        head += [f"fused ({a})", f"formed ({a})"]
+    head += ["peak RSS MiB: plain / fused / formed", "cold s: plain / fused / formed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    means: dict[tuple, list[float]] = {}
+    for key, point in data.items():
+        row = [key]
+        for a in allocs:
+            runs = point["speed"].get(a, [])
+            for side in ("fused", "formed"):
+                vals = [r["ratio"][side] for r in runs]
+                row.append(_spread(vals) if vals else "")
+                if vals:
+                    means.setdefault((key.split("/")[1], a, side), []).append(
+                        statistics.median(vals)
+                    )
+        mem = point.get("memory", {})
+        row.append(" / ".join(f"{mem[s]['max_rss_mib']:.0f}" for s in SIDES) if mem else "")
+        row.append(" / ".join(f"{mem[s]['cold_s']:.0f}" for s in SIDES) if mem else "")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for (opt, a, side), vals in sorted(means.items()):
+        lines.append(
+            f"- mean over shapes, {opt}, {side}, {a} allocator: {statistics.mean(vals):.3f}"
+        )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    p.add_argument("--allocators", nargs="*", default=list(ALLOCATORS), choices=list(ALLOCATORS))
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per side and process")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--report", action="store_true", help="only rewrite the table from --out")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--what", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--optimizer", help=argparse.SUPPRESS)
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.child:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        result = child_speed(args) if args.what == "speed" else child_memory(args)
+        print(json.dumps(result))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fused_step.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if not args.report:
+        measure(args, data, path)
+    table = report(data)
+    (out / "fused_step.md").write_text(table + "\n")
+    insert_if_committed("fused_step", table, out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
