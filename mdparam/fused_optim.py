@@ -78,7 +78,8 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         compile: bool = True,
         check: bool = True,
     ) -> None:
-        super().__init__(params, {"lr": 1e-3, "weight_decay": 0.0})
+        # capturable: each step count lives on its parameter's device, also after a load
+        super().__init__(params, {"lr": 1e-3, "weight_decay": 0.0, "capturable": True})
         self.weights, self.max_norm, self.check = weights, max_norm, check
         self.adam, self.muon = adam or AdamHyper(), muon or MuonHyper()
         self._entries, self._specs, self._gain_group = _plan(weights, self.param_groups)
@@ -118,7 +119,7 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Also the kept w's gradients, which the optimizer reads but does not hold."""
+        """Also the kept W's gradients, which the optimizer reads but does not hold."""
         super().zero_grad(set_to_none)
         for w in self.weights.weights():
             if w.grad is not None:
@@ -130,7 +131,7 @@ class FusedMDOptimizer(torch.optim.Optimizer):
     def _state(self, p: Tensor, keys: tuple[str, ...]) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for k in keys:
                 state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
