@@ -214,19 +214,24 @@ def report(data: dict) -> str:
                         statistics.median(vals)
                     )
         mem = point.get("memory", {})
-        row.append(" / ".join(f"{mem[s]['max_rss_mib']:.0f}" for s in SIDES) if mem else "")
+        row.append(
+            " / ".join(f"{mem[s].get('max_rss_mib', float('nan')):.0f}" for s in SIDES)
+            if mem
+            else ""
+        )
         row.append(
             " / ".join(f"{mem[s].get('warm_rss_mib', float('nan')):.0f}" for s in SIDES)
             if mem
             else ""
         )
-        row.append(" / ".join(f"{mem[s]['cold_s']:.0f}" for s in SIDES) if mem else "")
+        row.append(
+            " / ".join(f"{mem[s].get('cold_s', float('nan')):.0f}" for s in SIDES) if mem else ""
+        )
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for (opt, a, side), vals in sorted(means.items()):
-        lines.append(
-            f"- mean over shapes, {opt}, {side}, {a} allocator: {statistics.mean(vals):.3f}"
-        )
+        mean = statistics.mean(vals)
+        lines.append(f"- {opt}, {side}, {a} allocator: mean over {len(vals)} shapes {mean:.3f}")
     return "\n".join(lines)
 
 
