@@ -389,14 +389,17 @@ def scenario_ddp_before_recipe(rank: int, world: int, outdir: Path) -> None:
         (outdir / "ddp_before.txt").write_text(message)
 
 
-def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
+def worker(rank: int, world: int, store_path: str, scenario: str, args: list) -> None:
     from datetime import timedelta
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # A rank left waiting in a collective fails this scenario in a minute, not gloo's 30.
     timeout = timedelta(seconds=60) if scenario == "save_fails" else None
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    # A file rendezvous: a free TCP port found first and bound later by the workers could
+    # be taken in between by another pytest worker's launch.
+    store = dist.FileStore(store_path, world)
+    kw = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, **kw)
     try:
         if scenario == "train":
             scenario_train(rank, world, *args)
@@ -444,11 +447,10 @@ def worker(rank: int, world: int, port: int, scenario: str, args: list) -> None:
 
 
 def launch(scenario: str, *args, world: int = 2) -> None:
-    import socket
+    import tempfile
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(
-        worker, args=(world, port, scenario, list(args)), nprocs=world, join=True
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "rendezvous")
+        torch.multiprocessing.spawn(
+            worker, args=(world, store_path, scenario, list(args)), nprocs=world, join=True
+        )
