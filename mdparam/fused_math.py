@@ -23,7 +23,6 @@ Written so that inductor reads each large tensor as few times as it can:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +124,8 @@ def _gain_sums(g: Tensor, d: Tensor, mags: tuple[Tensor, ...]) -> list[Tensor]:
 
 
 def early_sums(g: Tensor, d: Tensor, gains: tuple[Tensor, ...], spec: MatrixSpec):
-    """Before the clipping factor: sum of g^2 and the column-type gain sums (one pass)."""
+    """Before the clipping factor is known: the sum of g^2 and every gain's sum (the factor
+    scales them after)."""
     lay = spec.config.geometry.layout
     gm, dm = lay.to_matrix(g), lay.to_matrix(d)
     squares = (gm * gm).sum(-2).sum()
@@ -225,9 +225,3 @@ def _direction_update(
         dstate[0].copy_(lay.from_matrix(new_m, spec.config.shape))
         dstate[1].copy_(lay.from_matrix(new_v, spec.config.shape))
     return new_m / ((new_v.sqrt() / (1 - b2**step).sqrt()) + adam.eps)
-
-
-def muon_lr_scale(shape: tuple[int, ...], radius_scale: float) -> float:
-    """The paper's Muon step per unit LR: sqrt(max/min) x radius_scale (see muon_param_groups)."""
-    d_out, d_in = shape[-2], shape[-1]
-    return math.sqrt(max(d_out, d_in) / min(d_out, d_in)) * radius_scale

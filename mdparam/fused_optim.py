@@ -23,9 +23,9 @@ from .fused_math import (
     clip_coefficient,
     early_sums,
     matrix_step,
-    muon_lr_scale,
 )
 from .fused_weights import FusedEntry, FusedWeights
+from .optim import muon_step_scale
 from .retraction import RetractionError
 
 __all__ = ["UPDATES", "FusedMDOptimizer"]
@@ -234,7 +234,7 @@ def _spec(e: FusedEntry, update: str, relative: bool) -> MatrixSpec:
                 f"matrix shape {cfg.matrix_shape}; give it to AdamW"
             )
         return MatrixSpec(
-            cfg, update, muon_lr_scale(cfg.matrix_shape, rs), False, e.weight is not None
+            cfg, update, muon_step_scale(*cfg.matrix_shape, rs), False, e.weight is not None
         )
     return MatrixSpec(cfg, update, rs, relative, e.weight is not None)
 

@@ -121,6 +121,12 @@ def _by_radius_scale(
     return out
 
 
+def muon_step_scale(d_out: int, d_in: int, radius_scale: float = 1.0) -> float:
+    """The paper's Muon step per unit LR: sqrt(max/min) x radius_scale, so that
+    ||lr x U||_F = lr x R on the default flat sphere (see :func:`muon_param_groups`)."""
+    return math.sqrt(max(d_out, d_in) / min(d_out, d_in)) * radius_scale
+
+
 def _muon_default_factor(d_out: int, d_in: int) -> float:
     # torch.optim.Muon's adjust_lr_fn=None ("original") multiplies lr by this.
     return math.sqrt(max(1.0, d_out / d_in))
@@ -160,8 +166,7 @@ def muon_param_groups(
         by_shape.setdefault((*p.shape, radius_scales.get(id(p), 1.0)), []).append(p)
     groups = []
     for (d_out, d_in, radius_scale), params in by_shape.items():
-        paper = math.sqrt(max(d_out, d_in) / min(d_out, d_in)) * radius_scale
-        scale = paper / _muon_default_factor(d_out, d_in)
+        scale = muon_step_scale(d_out, d_in, radius_scale) / _muon_default_factor(d_out, d_in)
         groups.append(
             {
                 "params": params,

@@ -306,9 +306,8 @@ def recipe(
 ) -> Recipe:
     """Register ``model`` with the paper's start and build its training step, in one call.
 
-    For training from scratch. A model already registered is used as it is:
-    register trained weights with ``mdparam.register`` (their function kept)
-    first, or :func:`register_for_recipe` and shard (FSDP2, tensor parallel).
+    For training from scratch. A model already registered (``mdparam.register``,
+    or :func:`register_for_recipe` then sharded) is used as it is.
 
     Args:
         model: an nn.Module; registered here, in place, unless it already is.
@@ -316,8 +315,7 @@ def recipe(
             step, AdamW on the rest) or ``"adamw"``.
         lr: the hidden directions' LR: their relative step per step with Muon,
             and with AdamW when ``relative_step`` (else a per-element step).
-        steps: the run's length: linear decay to 0 over it, no warmup (None:
-            constant LRs).
+        steps: the run's length: linear decay to 0, no warmup (None: constant).
         gain_lr, other_lr: AdamW's LRs for the raw gains and for everything
             else (embeddings, norms, biases, head); ``other_lr=None`` takes
             the base optimizer's own: 1e-2 with Muon, 3e-2 with AdamW.
@@ -333,15 +331,9 @@ def recipe(
             ``"preserve"``; embeddings and head on a unit sphere start on it.
         include, exclude: as in :func:`mdparam.register`.
         muon_options, adamw_options: more keyword arguments for the optimizers.
-        fused: the fused step (default): the forward reads a kept W, and one
-            optimizer step does clipping, the chain rule to D and the gains,
-            the base optimizer, the relative step, the retraction and writes W
-            back. Where it cannot (FSDP2, tensor parallel, a model wrapped in
-            DDP before the recipe, ``clip_scope="all"``, other optimizer
-            options), the recipe warns once and takes the step that forms W in
-            the forward (``fused=False``), and ``repr`` says why.
-        compile: the fused step as one ``torch.compile`` graph per dtype and
-            device (False: eager, for debugging).
+        fused, compile: the fused step (README, "The fused step"), compiled
+            (``compile=False``: eager). Where it cannot train the model, the
+            recipe warns once, says why in ``repr`` and forms W in the forward.
 
     Example:
         >>> import torch, mdparam
@@ -356,36 +348,85 @@ def recipe(
     base = base_optimizer_of(optimizer)
     choices = dict(head_mode=head_mode, embeddings=embeddings, radius_scale=radius_scale)
     where = dict(init=init, include=include, exclude=exclude)
-    # a model registered already (register_for_recipe, then sharded; or by hand) stays so
     names = [e.name for e in registered(model)] or register_for_recipe(
         model, base.name, head=head, **choices, **where
     )
     _check("clip_scope", clip_scope, CLIP_SCOPES)
-    hidden, aux, hidden_names = _split_directions(model, head)
     other_lr = base.other_lr if other_lr is None else other_lr
     lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
+    made = _step_for(
+        model, base, head, lrs, relative_step, clip, clip_scope, options, fused, compile
+    )
+    made.registered = names
+    made.schedule(steps)
+    return made
+
+
+def _step_for(
+    model: nn.Module,
+    base: BaseOptimizer,
+    head: str | None,
+    lrs: dict,
+    relative_step: bool,
+    clip: float | None,
+    clip_scope: str,
+    options: dict,
+    fused: bool,
+    compile: bool,
+) -> Recipe:
+    """The fused step where it can train the model as asked, else the formed step (warned)."""
+    hidden, aux, hidden_names = _split_directions(model, head)
     relative = base.name == "adamw" and relative_step
     fallback = _why_not_fused(model, clip_scope, options) if fused else None
     if fused and fallback is None:
-        kept = FusedWeights(model)
-        groups = _fused_groups(model, kept, base.name, hidden, aux, lrs, relative)
-        opt = FusedMDOptimizer(kept, groups, max_norm=clip, compile=compile, **_hypers(options))
-        made = Recipe(model, [opt], [], None, names, clip, clip_scope, fused=kept)
-        made.schedule(steps)
-        return made
-    if fallback is not None:
-        warnings.warn(
-            f"mdparam.recipe: the fused step is not used ({fallback}); training forms W in the "
-            "forward instead, which is slower per step",
-            stacklevel=2,
-        )
+        made = _fused_recipe(model, base.name, hidden, aux, lrs, relative, options, clip, compile)
+    else:
+        if fallback is not None:
+            warnings.warn(
+                f"mdparam.recipe: the fused step is not used ({fallback}); training forms W "
+                "in the forward instead, which is slower per step",
+                stacklevel=3,
+            )
+        made = _formed_recipe(model, base, hidden, aux, hidden_names, lrs, relative_step, options)
+    made.clip, made.clip_scope, made.fallback = clip, clip_scope, fallback
+    return made
+
+
+def _fused_recipe(
+    model: nn.Module,
+    update: str,
+    hidden: list,
+    aux: list,
+    lrs: dict,
+    relative: bool,
+    options: dict,
+    clip: float | None,
+    compile: bool,
+) -> Recipe:
+    """The fused step: kept weights and one FusedMDOptimizer, which clips at ``clip``."""
+    kept = FusedWeights(model)
+    groups = _fused_groups(model, kept, update, hidden, aux, lrs, relative)
+    opt = FusedMDOptimizer(kept, groups, max_norm=clip, compile=compile, **_hypers(options))
+    return Recipe(model, [opt], [], None, fused=kept)
+
+
+def _formed_recipe(
+    model: nn.Module,
+    base: BaseOptimizer,
+    hidden: list,
+    aux: list,
+    hidden_names: list[str],
+    lrs: dict,
+    relative_step: bool,
+    options: dict,
+) -> Recipe:
+    """The step that forms W in the forward: torch's optimizers and the attached Retraction."""
     optimizers = base.build(model, hidden, aux, lrs, relative_step, options)
+    relative = base.name == "adamw" and relative_step
     retraction = Retraction(model, relative_step=_in(set(hidden_names)) if relative else False)
     retraction.attach(optimizers[-1])  # holds the hidden directions, steps last
-    made = Recipe(model, optimizers, [], retraction, names, clip, clip_scope, fallback=fallback)
-    made.schedule(steps)
-    return made
+    return Recipe(model, optimizers, [], retraction)
 
 
 _ADAMW_KEYS = {"betas", "eps", "weight_decay"}  # weight_decay: every group sets its own
