@@ -84,11 +84,13 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         self.adam, self.muon = adam or AdamHyper(), muon or MuonHyper()
         self._entries, self._specs, self._gain_group = _plan(weights, self.param_groups)
         tensor_lrs(self)
-        self._fn: Callable = (
-            torch.compile(_own_copy(_batch_step), fullgraph=True, dynamic=False)
-            if compile
-            else _batch_step
-        )
+        self._compile = compile
+        self._graphs: dict[tuple, Callable] = {}
+        self._order: list[tuple] | None = None
+        self._args: dict[int, tuple] = {}
+        self._signatures: dict[tuple, int] = {}
+        self._sig_ids: dict[tuple, int] = {}
+        self.register_load_state_dict_post_hook(self._forget)
         self.last_norm: Tensor | None = None
         self._ranks_checked = False
 
@@ -99,24 +101,46 @@ class FusedMDOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.weights.check()
-        batches = self._batches()
+        chunks = self._chunks()
         if not self._ranks_checked:
-            _check_reduced(batches)
+            _check_reduced([m for c in chunks for m in c.mats])
             self._ranks_checked = True
-        extra = _squares_by_batch(batches) if len(batches) > 1 else None
-        totals, stepped = [], []
-        for key, (mats, others, entries) in batches.items():
-            rest = _zero_like_key(key) if extra is None else _others_total(extra, key)
-            total, ok, norms = self._fn(mats, others, rest, self.max_norm, self.adam, self.muon)
-            totals.append(total)
-            if self.check and not bool(ok):
-                _raise_diverged(entries, norms)
-            stepped += entries
+        parts, early = [], []
+        for same in _by_device(chunks):  # every chunk's sums first: clipping needs them all
+            fn = self._compiled(_sums, tuple(c.key for c in same))
+            squares, sums = fn([(c.mats, c.others) for c in same])
+            parts.append(squares)
+            early += sums
+        squares = _total(parts)
+        oks, norms = [], []
+        for c, sums in zip([c for same in _by_device(chunks) for c in same], early):
+            total = squares.to(c.device)
+            fn = self._compiled(_chunk_step, c.key)
+            ok, n = fn(c.mats, c.others, sums, total, self.max_norm, self.adam, self.muon)
+            oks.append(ok)
+            norms += n
+        stepped = [e for c in chunks for e in c.entries]
+        if self.check and oks and not bool(torch.stack([o.cpu() for o in oks]).all()):
+            _raise_diverged(stepped, norms)
         for e in stepped:
             if e.weight is not None:
                 e.weight.record(e.direction, e.gains)
-        self.last_norm = totals[0] if totals and self.max_norm is not None else None
+        self.last_norm = squares.sqrt() if chunks and self.max_norm is not None else None
         return loss
+
+    def _compiled(self, fn: Callable, signature: tuple) -> Callable:
+        """``fn`` compiled once per chunk signature: identical blocks share one graph."""
+        if not self._compile:
+            return fn
+        key = (fn.__name__, signature, self.max_norm, self.adam, self.muon)
+        if key not in self._graphs:
+            self._graphs[key] = torch.compile(
+                _own_copy(fn),
+                fullgraph=True,
+                dynamic=False,
+                options={"guard_filter_fn": _tensor_guards, "size_asserts": False},
+            )
+        return self._graphs[key]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also the kept W's gradients, which the optimizer reads but does not hold."""
@@ -128,6 +152,14 @@ class FusedMDOptimizer(torch.optim.Optimizer):
                 else:
                     w.grad.zero_()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_order"):  # the groups were checked against the kept weights once
+            raise RuntimeError(
+                "mdparam.FusedMDOptimizer: its groups are fixed when it is built; build a new "
+                "one (mdparam.recipe) with every group instead of adding one"
+            )
+        super().add_param_group(param_group)
+
     def _state(self, p: Tensor, keys: tuple[str, ...]) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
@@ -136,31 +168,54 @@ class FusedMDOptimizer(torch.optim.Optimizer):
                 state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _batches(self) -> dict[tuple, tuple[list, list, list[FusedEntry]]]:
-        """This step's work per (dtype, device): matrices with a gradient, and the rest."""
-        out: dict[tuple, tuple[list, list, list]] = {}
-        gain_lr = (
-            self.param_groups[self._gain_group]["lr"] if self._gain_group is not None else None
-        )
+    def _chunks(self) -> list[_Chunk]:
+        """This step's work, in chunks of one block each (see :func:`_block_of`)."""
+        if self._order is None:
+            self._order = self._lay_out()
+        out: dict[tuple, _Chunk] = {}
+        for key, obj, group in self._order:
+            grad = obj.grad
+            if grad is None:
+                continue
+            args = self._args.get(id(obj))
+            if args is None:
+                args = self._args[id(obj)] = self._static_args(obj, group)
+            chunk = out.get(key)
+            if chunk is None:
+                chunk = out[key] = _Chunk(key[2])
+            chunk.add(obj, (args[0], grad, *args[1:]))
+        for key, chunk in out.items():
+            ids = (key, *(id(m[2]) for m in chunk.mats), *(id(o[0]) for o in chunk.others))
+            if ids not in self._signatures:
+                sig = chunk.signature()
+                self._signatures[ids] = self._sig_ids.setdefault(sig, len(self._sig_ids))
+            chunk.key = self._signatures[ids]
+        return list(out.values())
+
+    def _lay_out(self) -> list[tuple]:
+        """(block, entry or parameter, group) for everything the step may touch, in order."""
+        names, order = self.weights.names, []
         for group in self.param_groups:
             role = group["mdparam_role"]
-            for p in group["params"]:
-                if role == "gain":
-                    continue
-                if role == "direction":
-                    e = self._entries[id(p)]
-                    if e.grad is None:
-                        continue
-                    mats, _, stepped = out.setdefault((p.dtype, p.device), ([], [], []))
-                    mats.append(self._matrix_args(e, group["lr"], gain_lr))
-                    stepped.append(e)
-                elif p.grad is not None:
-                    st = self._state(p, ("exp_avg", "exp_avg_sq"))
-                    item = (p, p.grad, st["exp_avg"], st["exp_avg_sq"], group["lr"], st["step"])
-                    out.setdefault((p.dtype, p.device), ([], [], []))[1].append(
-                        (*item, float(group.get("weight_decay", 0.0)))
-                    )
-        return out
+            for p in group["params"] if role != "gain" else ():
+                obj = self._entries[id(p)] if role == "direction" else p
+                order.append(((_block_of(names.get(id(p), "")), p.dtype, p.device), obj, group))
+        return order
+
+    def _static_args(self, obj: FusedEntry | Tensor, group: dict) -> tuple:
+        """The step's arguments for one tensor but its gradient, which is new every step."""
+        if isinstance(obj, FusedEntry):
+            gain_lr = (
+                self.param_groups[self._gain_group]["lr"] if self._gain_group is not None else None
+            )
+            return self._matrix_args(obj, group["lr"], gain_lr)
+        st = self._state(obj, ("exp_avg", "exp_avg_sq"))
+        wd = float(group.get("weight_decay", 0.0))
+        return (obj, st["exp_avg"], st["exp_avg_sq"], group["lr"], st["step"], wd)
+
+    def _forget(self, *_: Any) -> None:
+        """After a state load or a new group, the cached arguments point at old tensors."""
+        self._order, self._args = None, {}
 
     def _matrix_args(self, e: FusedEntry, lr: Tensor, gain_lr: Tensor | None) -> tuple:
         spec = self._specs[id(e.direction)]
@@ -175,7 +230,6 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         dstate = tuple(st[k] for k in keys)
         return (
             w,
-            e.grad,
             e.direction,
             e.gains,
             dstate,
@@ -192,6 +246,7 @@ def _plan(weights: FusedWeights, groups: list[dict]) -> tuple[dict, dict, int | 
     """Check the groups against the kept weights; each direction's entry and spec."""
     entries = {id(e.direction): e for e in weights.entries}
     specs: dict[int, MatrixSpec] = {}
+    interned: dict[MatrixSpec, MatrixSpec] = {}
     gain_groups = [i for i, g in enumerate(groups) if g.get("mdparam_role") == "gain"]
     if len(gain_groups) > 1:
         raise ValueError("mdparam.FusedMDOptimizer: give every gain in one 'gain' group")
@@ -221,7 +276,8 @@ def _plan(weights: FusedWeights, groups: list[dict]) -> tuple[dict, dict, int | 
                 raise ValueError(
                     f"mdparam.FusedMDOptimizer: the gains of {e.name!r} are in no 'gain' group"
                 )
-            specs[id(p)] = _spec(e, update, bool(g.get("relative", False)))
+            spec = _spec(e, update, bool(g.get("relative", False)))
+            specs[id(p)] = interned.setdefault(spec, spec)  # equal blocks: one object, one graph
     return entries, specs, (gain_groups[0] if gain_groups else None)
 
 
@@ -239,26 +295,82 @@ def _spec(e: FusedEntry, update: str, relative: bool) -> MatrixSpec:
     return MatrixSpec(cfg, update, rs, relative, e.weight is not None)
 
 
-def _batch_step(
+class _Chunk:
+    """One block's matrices and other parameters on one device, in one dtype."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mats: list[tuple] = []
+        self.others: list[tuple] = []
+        self.entries: list[FusedEntry] = []
+        self.key = 0  # its signature's number (see FusedMDOptimizer._chunks)
+
+    def add(self, obj: FusedEntry | Tensor, args: tuple) -> None:
+        if isinstance(obj, FusedEntry):
+            self.mats.append(args)
+            self.entries.append(obj)
+        else:
+            self.others.append(args)
+
+    def signature(self) -> tuple:
+        """What the compiled graph depends on: equal for identical blocks."""
+        mats = tuple((m[-1], _radius_key(m[-2]), m[0] is not None) for m in self.mats)
+        others = tuple((tuple(o[0].shape), o[0].dtype, o[-1]) for o in self.others)
+        return (self.device, mats, others)
+
+
+def _radius_key(radius: float | Tensor) -> object:
+    return ("tensor", tuple(radius.shape)) if isinstance(radius, Tensor) else radius
+
+
+def _block_of(name: str) -> str:
+    """The block a parameter belongs to: its name up to the first index (``blocks.3``).
+
+    Blocks of a ModuleList have equal shapes, so their chunks compile to one
+    graph called once per block; compiling every matrix into one graph took
+    longer and held more memory than the model's own compile.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
+
+
+def _sums(chunks: list[tuple[list, list]]) -> tuple[Tensor, list[list[list[Tensor]]]]:
+    """Before the clipping factor is known: the sum of squared gradients over the chunks,
+    and each matrix's gain sums (:func:`mdparam.fused_math.early_sums`), per chunk."""
+    squares, early = torch.zeros((), dtype=torch.float32, device=_device(*chunks[0])), []
+    for mats, others in chunks:
+        sums = []
+        for _w, g, d, gains, *_state, spec in mats:
+            sq, s = early_sums(g, d, gains, spec)
+            squares = squares + sq
+            sums.append(s)
+        for _p, grad, *_ in others:
+            squares = squares + grad.float().square().sum()
+        early.append(sums)
+    return squares, early
+
+
+def _by_device(chunks: list[_Chunk]) -> list[list[_Chunk]]:
+    out: dict[torch.device, list[_Chunk]] = {}
+    for c in chunks:
+        out.setdefault(c.device, []).append(c)
+    return list(out.values())
+
+
+def _chunk_step(
     mats: list[tuple],
     others: list[tuple],
-    rest: Tensor,
+    early: list[list[Tensor]],
+    squares: Tensor,
     max_norm: float | None,
     adam: AdamHyper,
     muon: MuonHyper,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """One (dtype, device) batch: clip, step every matrix, then everything else.
-
-    ``rest`` is the sum of squared gradients of the other batches.
-    """
-    squares, early = rest, []
-    for _w, g, d, gains, *_state, spec in mats:
-        sq, sums = early_sums(g, d, gains, spec)
-        squares = squares + sq
-        early.append(sums)
-    for _p, grad, *_ in others:
-        squares = squares + grad.float().square().sum()
-    total, coef = clip_coefficient(squares, max_norm)
+) -> tuple[Tensor, list[Tensor]]:
+    """Step one chunk, given every chunk's sum of squared gradients (for the clip factor)."""
+    _, coef = clip_coefficient(squares, max_norm)
     norms = []
     for (w, g, d, gains, dstate, gstates, lr, gain_lr, step, radius, spec), sums in zip(
         mats, early
@@ -289,9 +401,42 @@ def _batch_step(
     ok = (
         torch.stack([((n > 0) & n.isfinite()).all() for n in norms]).all()
         if norms
-        else total.isfinite()
+        else squares.isfinite()
     )
-    return total, ok, norms
+    return ok, norms
+
+
+# Guards on the graph's inputs as data; those on Python objects (specs, hyperparameters,
+# the maths' functions) are dropped: the key a graph is kept under holds them already.
+_KEPT_GUARDS = {
+    "TENSOR_MATCH",
+    "DUPLICATE_INPUT",
+    "NO_TENSOR_ALIASING",
+    "SEQUENCE_LENGTH",
+    "SHAPE_ENV",
+    "GLOBAL_STATE",
+    "GRAD_MODE",
+    "DEFAULT_DEVICE",
+    "DETERMINISTIC_ALGORITHMS",
+    "TORCH_FUNCTION_STATE",
+    "AUTOGRAD_SAVED_TENSORS_HOOKS",
+}
+
+
+def _tensor_guards(entries: list) -> list[bool]:
+    return [e.guard_type in _KEPT_GUARDS for e in entries]
+
+
+def _device(mats: list[tuple], others: list[tuple]) -> torch.device:
+    return mats[0][1].device if mats else others[0][1].device
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of the chunks' squares, on the first chunk's device."""
+    if not parts:
+        return torch.zeros(())
+    dev = parts[0].device
+    return torch.stack([p.to(dev) for p in parts]).sum()
 
 
 def _own_copy(fn: Callable) -> Callable:
@@ -306,28 +451,7 @@ def _own_copy(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _squares_by_batch(batches: dict) -> dict[tuple, Tensor]:
-    out = {}
-    for key, (mats, others, _) in batches.items():
-        grads = [m[1] for m in mats] + [o[1] for o in others]
-        out[key] = torch.stack([g.float().square().sum() for g in grads]).sum().cpu()
-    return out
-
-
-def _others_total(extra: dict[tuple, Tensor], key: tuple) -> Tensor:
-    return sum((v for k, v in extra.items() if k != key), _zero_like_key(key)).to(key[1])
-
-
-_ZEROS: dict[tuple, Tensor] = {}
-
-
-def _zero_like_key(key: tuple) -> Tensor:
-    if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros((), dtype=torch.float32, device=key[1])
-    return _ZEROS[key]
-
-
-def _check_reduced(batches: dict) -> None:
+def _check_reduced(mats: list[tuple]) -> None:
     """With several ranks, once: the kept weights' gradients must agree (DDP reduced them).
 
     DDP reduces the Parameters it saw when it was built; a model wrapped before
@@ -335,7 +459,7 @@ def _check_reduced(batches: dict) -> None:
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    grads = [m[1] for b in batches.values() for m in b[0]]
+    grads = [m[1] for m in mats]
     if not grads:
         return
     total = torch.stack([g.float().square().sum() for g in grads]).sum().reshape(1)

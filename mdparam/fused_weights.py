@@ -78,11 +78,14 @@ class FusedWeights:
                 "built with fused=True); call .leave() on the first before making another"
             )
         self.entries: list[FusedEntry] = []
+        # every parameter's name, by id: the fused step groups its work by block
+        self.names = {id(p): n for n, p in model.named_parameters()}
         self._handles: list = []
         self._modules: list[MagnitudeDirection] = []  # every holder's parametrization
         for lead in unique_directions(found):
             holders = [e for e in found if e.direction is lead.direction]
             self.entries.append(self._enter(lead, holders))
+        self.names.update({id(e.direction): e.name for e in self.entries})
 
     def _enter(self, lead: Registered, holders: list[Registered]) -> FusedEntry:
         d, gains = lead.direction, lead.gains

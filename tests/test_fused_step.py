@@ -249,10 +249,10 @@ def test_a_second_fused_recipe_on_one_model_says_what_to_do():
         mdparam.recipe(model, "adamw", lr=0.01, head="head", compile=False)
 
 
-def test_compiled_fused_step_matches_the_eager_one():
+def test_compiled_fused_step_matches_the_eager_one_and_blocks_share_a_graph():
     models, trains = [], []
     for compile in (False, True):
-        model = tiny_gpt(n_layer=1)
+        model = tiny_gpt(n_layer=3)
         models.append(model)
         trains.append(
             mdparam.recipe(model, "adamw", lr=0.02, steps=8, head="head", compile=compile)
@@ -268,4 +268,7 @@ def test_compiled_fused_step_matches_the_eager_one():
     # inductor rounds otherwise (fused multiply-adds, its order of summing)
     assert max(float((s0[k] - s1[k]).abs().max()) for k in s0) < 5e-4
     assert sum(counters["graph_break"].values()) == 0
+    # the step's graphs: the sums before clipping, one block's step (called for all three
+    # identical blocks), the rest's step; plus the model's forward and backward
+    assert counters["stats"]["unique_graphs"] == 3 + 1
     assert _fresh(models[1]) < 1e-6
