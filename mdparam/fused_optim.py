@@ -105,15 +105,12 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         if not self._ranks_checked:
             _check_reduced([m for c in chunks for m in c.mats])
             self._ranks_checked = True
-        parts, early = [], []
-        for same in _by_device(chunks):  # every chunk's sums first: clipping needs them all
-            fn = self._compiled(_sums, tuple(c.key for c in same))
-            squares, sums = fn([(c.mats, c.others) for c in same])
-            parts.append(squares)
-            early += sums
+        # every chunk's sums first (clipping needs them all), each block's in its shared graph
+        early = [self._compiled(_chunk_sums, c.key)(c.mats, c.others) for c in chunks]
+        parts = [sq for sq, _ in early]
         squares = _total(parts)
         oks, norms = [], []
-        for c, sums in zip([c for same in _by_device(chunks) for c in same], early):
+        for c, (_, sums) in zip(chunks, early):
             total = squares.to(c.device)
             fn = self._compiled(_chunk_step, c.key)
             ok, n = fn(c.mats, c.others, sums, total, self.max_norm, self.adam, self.muon)
@@ -337,27 +334,17 @@ def _block_of(name: str) -> str:
     return ""
 
 
-def _sums(chunks: list[tuple[list, list]]) -> tuple[Tensor, list[list[list[Tensor]]]]:
-    """Before the clipping factor is known: the sum of squared gradients over the chunks,
-    and each matrix's gain sums (:func:`mdparam.fused_math.early_sums`), per chunk."""
-    squares, early = torch.zeros((), dtype=torch.float32, device=_device(*chunks[0])), []
-    for mats, others in chunks:
-        sums = []
-        for _w, g, d, gains, *_state, spec in mats:
-            sq, s = early_sums(g, d, gains, spec)
-            squares = squares + sq
-            sums.append(s)
-        for _p, grad, *_ in others:
-            squares = squares + grad.float().square().sum()
+def _chunk_sums(mats: list[tuple], others: list[tuple]) -> tuple[Tensor, list[list[Tensor]]]:
+    """Before the clipping factor is known: the chunk's sum of squared gradients, and each
+    matrix's gain sums (:func:`mdparam.fused_math.early_sums`)."""
+    squares, early = torch.zeros((), dtype=torch.float32, device=_device(mats, others)), []
+    for _w, g, d, gains, *_state, spec in mats:
+        sq, sums = early_sums(g, d, gains, spec)
+        squares = squares + sq
         early.append(sums)
+    for _p, grad, *_ in others:
+        squares = squares + grad.float().square().sum()
     return squares, early
-
-
-def _by_device(chunks: list[_Chunk]) -> list[list[_Chunk]]:
-    out: dict[torch.device, list[_Chunk]] = {}
-    for c in chunks:
-        out.setdefault(c.device, []).append(c)
-    return list(out.values())
 
 
 def _chunk_step(
