@@ -191,6 +191,15 @@ def save_plain(
     ``path`` as it was. An existing ``path`` is refused unless ``overwrite``.
     Under FSDP2 call it on every rank: all gather the full tensors, rank 0
     writes.
+
+    Example:
+        >>> import os, tempfile, torch, mdparam, safetensors.torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> path = mdparam.save_plain(model, os.path.join(tempfile.mkdtemp(), "p.safetensors"))
+        >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no mdparam needed from here
+        >>> plain.load_state_dict(safetensors.torch.load_file(path), strict=True)
+        <All keys matched successfully>
     """
     path = atomic_path(path, overwrite=overwrite)
     st = _state(model, "save_plain")
@@ -221,6 +230,14 @@ def save_training(
     ``max_shard_bytes``, ``path`` is a directory of shards with a
     ``model.safetensors.index.json``. The optimizer's state is not included:
     save ``optimizer.state_dict()`` beside it.
+
+    Example:
+        >>> import os, tempfile, torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> path = mdparam.save_training(model, os.path.join(tempfile.mkdtemp(), "t.safetensors"))
+        >>> path.name
+        't.safetensors'
     """
     st = _state(model, "save_training")
     meta = training_metadata(st.specs.values(), metadata)
@@ -304,6 +321,15 @@ def load_training(model: nn.Module, path: str | os.PathLike) -> None:
 
     The model must be registered with the same layers and options as the one
     that was saved; everything is checked before anything is copied.
+
+    Example:
+        >>> import os, tempfile, torch, mdparam
+        >>> model, other = (torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2))
+        >>> _ = mdparam.register(model), mdparam.register(other)
+        >>> path = mdparam.save_training(model, os.path.join(tempfile.mkdtemp(), "t.safetensors"))
+        >>> mdparam.load_training(other, path)
+        >>> torch.equal(other[0].weight, model[0].weight)
+        True
     """
     st = _state(model, "load_training", loading=True)
     with CheckpointReader(path) as reader:

@@ -140,7 +140,8 @@ def clip_grad_norm_(
         >>> _ = mdparam.register(model, init="sphere")
         >>> model(torch.randn(4, 8)).square().sum().mul(100).backward()
         >>> before = mdparam.clip_grad_norm_(model, 1.0)
-        >>> bool(before > 1), round(float(mdparam.fused_grad_norm(model)), 4)
+        >>> from mdparam.clipping import fused_grad_norm
+        >>> bool(before > 1), round(float(fused_grad_norm(model)), 4)
         (True, 1.0)
     """
     if scope not in CLIP_SCOPES:

@@ -52,6 +52,14 @@ class MDConfig:
 
     ``radius`` is a number, or None when the radius is a tensor kept beside
     the originals (``radius="init"``).
+
+    Example:
+        >>> import torch, mdparam
+        >>> layer = torch.nn.Linear(4, 3)
+        >>> _ = mdparam.register(layer)
+        >>> (entry,) = mdparam.registered(layer)
+        >>> entry.config.shape, entry.config.layout
+        ((3, 4), 'linear')
     """
 
     gains: str

@@ -70,6 +70,15 @@ class Recipe:
         fused: the kept weights of the fused step (None: the step forms W in
             the forward, as with any optimizer).
         fallback: why the fused step was asked for but not used (None if it was).
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> train = mdparam.recipe(model, "adamw", lr=0.01, steps=100, compile=False)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> norm = train.step()  # the gradient norm before clipping
+        >>> train.fused is not None, train.fallback
+        (True, None)
     """
 
     model: nn.Module

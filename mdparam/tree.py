@@ -32,7 +32,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Registered:
-    """One parametrized tensor: where it lives and how it is parametrized."""
+    """One parametrized tensor: where it lives and how it is parametrized.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> _ = mdparam.register(model)
+        >>> (entry,) = mdparam.registered(model)
+        >>> entry.name, tuple(entry.direction.shape), [tuple(g.shape) for g in entry.gains]
+        ('0.weight', (3, 4), [(3,), (4,)])
+    """
 
     name: str  # qualified tensor name, e.g. "blocks.0.attn.q.weight"
     module: nn.Module
@@ -75,6 +84,13 @@ def registered(model: nn.Module) -> list[Registered]:
     Names are qualified from ``model`` (so a compiled model's names start with
     ``_orig_mod.``). A tensor shared by several modules (``tied="share"``)
     appears once per module.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> _ = mdparam.register(model)
+        >>> [e.name for e in mdparam.registered(model)]
+        ['0.weight', '2.weight']
     """
     out = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):
