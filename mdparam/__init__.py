@@ -18,9 +18,10 @@ from .hf import save_pretrained
 from .optim import muon_optimizers, param_groups
 from .parametrization import MagnitudeDirection, MDConfig, fuse
 from .recipe import Recipe, recipe, register_for_recipe
-from .register import Registered, register, registered, reinitialize, remove
+from .register import register, reinitialize, remove
 from .retraction import Retraction, RetractionError
 from .stats import Stats, stats
+from .tree import Registered, registered
 from .version import __version__
 
 __all__ = [

@@ -97,7 +97,7 @@ def register_adapter(
             ``"transposed"`` (in, out), ``"flatten_in"`` (out, in, *kernel),
             ``"batched"`` (*batch, out, in).
         **defaults: register options for this kind (fields of
-            :class:`mdparam.Options`), used unless the call to
+            :class:`mdparam.options.Options`), used unless the call to
             :func:`mdparam.register` sets them.
 
     Example:

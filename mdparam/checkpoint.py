@@ -42,7 +42,7 @@ from .safetensors_io import (
     write_file,
     write_sharded,
 )
-from .tree import clean_key, full_tensor, registered, unwrap
+from .tree import clean_key, full_tensor, original_name, originals, registered, unwrap
 
 __all__ = [
     "load_plain",
@@ -85,10 +85,10 @@ def _state(model: nn.Module, what: str, loading: bool = False) -> _State:
     for e in entries:
         prefix = e.name[: -len(e.tensor_name)]
         base = f"{prefix}parametrizations.{e.tensor_name}."
-        originals = tuple(clean_key(f"{base}original{i}") for i in range(len(e.config.roles)))
+        keys = tuple(clean_key(base + original_name(i)) for i in range(len(e.config.roles)))
         radius = clean_key(f"{base}0.radius") if e.parametrization.radius is not None else None
         name = clean_key(e.name)
-        specs[name] = FusedSpec(name, e.config, originals, radius)
+        specs[name] = FusedSpec(name, e.config, keys, radius)
         by_name.setdefault(name, []).append(e)
     if loading and any(is_sharded(t) for t in tensors.values()):
         raise RuntimeError(
@@ -475,5 +475,5 @@ def _split_plain(st: _State, plan, read: Callable[[str], Tensor], label: str):
             parts = plist[0].right_inverse(value.to(direction.dtype))
         except ValueError as e:
             raise ValueError(f"{label}: {name!r}: {e}") from None
-        new.extend((getattr(plist, f"original{i}"), part) for i, part in enumerate(parts))
+        new.extend(zip(originals(plist), parts))
     return new

@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 from torch.distributed.tensor.parallel import parallelize_module as _torch_parallelize
 
-from .tree import md_parametrization, registered
+from .tree import md_parametrization, original_name, registered
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
 
@@ -58,7 +58,7 @@ def _shard_originals(module: nn.Module, mesh: DeviceMesh, dim: int) -> None:
         )
     plist = module.parametrizations.weight
     for i, role in enumerate(param.config.roles):
-        t = getattr(plist, f"original{i}")
+        t = getattr(plist, original_name(i))
         if role == "direction":
             placement = Shard(dim)
         elif role == _ALIGNED_GAIN[dim]:
@@ -66,7 +66,7 @@ def _shard_originals(module: nn.Module, mesh: DeviceMesh, dim: int) -> None:
         else:
             placement = Replicate()
         dt = distribute_tensor(t.detach(), mesh, [placement])
-        plist.register_parameter(f"original{i}", nn.Parameter(dt, requires_grad=t.requires_grad))
+        plist.register_parameter(original_name(i), nn.Parameter(dt, requires_grad=t.requires_grad))
     bias = getattr(module, "bias", None)
     if bias is not None:
         placement = Shard(0) if dim == 0 else Replicate()

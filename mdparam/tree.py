@@ -4,8 +4,9 @@ Every other module asks here: which tensors carry the MD parametrization
 (:func:`registered`), which Parameters are shared between modules
 (:func:`tie_map`), what model sits inside torch.compile / DDP wrappers
 (:func:`unwrap`), whether FSDP2 or torch.compile already wrapped a model
-(:func:`check_not_wrapped`), and the whole value of a possibly sharded
-tensor (:func:`full_tensor`).
+(:func:`check_not_wrapped`), the whole value of a possibly sharded
+tensor (:func:`full_tensor`), and the tensors a parametrized layer keeps
+(:func:`original_name`, :func:`originals`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,24 @@ __all__ = [
     "clean_key",
     "full_tensor",
     "md_parametrization",
+    "original_name",
+    "originals",
     "registered",
     "tie_map",
     "unique_directions",
     "unwrap",
 ]
+
+
+def original_name(i: int) -> str:
+    """The attribute under which torch.nn.utils.parametrize keeps a layer's ``i``-th tensor
+    (0: the direction; then the raw gains, in the order of ``MDConfig.roles``)."""
+    return f"original{i}"
+
+
+def originals(plist: nn.Module) -> tuple[Tensor, ...]:
+    """The tensors a parametrization list keeps: the direction, then the raw gains."""
+    return tuple(getattr(plist, original_name(i)) for i in range(plist.ntensors))
 
 
 @dataclass(frozen=True)
@@ -50,8 +64,7 @@ class Registered:
 
     @property
     def originals(self) -> tuple[Tensor, ...]:
-        plist = self.module.parametrizations[self.tensor_name]
-        return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+        return originals(self.module.parametrizations[self.tensor_name])
 
     @property
     def direction(self) -> nn.Parameter:
@@ -89,8 +102,8 @@ def registered(model: nn.Module) -> list[Registered]:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> _ = mdparam.register(model)
-        >>> [e.name for e in mdparam.registered(model)]
-        ['0.weight', '2.weight']
+        >>> print(*(e.name for e in mdparam.registered(model)))
+        0.weight 2.weight
     """
     out = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):

@@ -364,3 +364,19 @@ def test_preserve_applies_to_the_hidden_matrices_and_unit_spheres_start_on_them(
     # embeddings and head: on their unit rows (no gains could keep their weights)
     d = entries["tok.weight"].direction.detach()
     assert torch.allclose(d.norm(dim=1), torch.ones(d.shape[0]), atol=1e-5)
+
+
+def test_muon_optimizers_and_the_muon_recipe_are_built_alike_with_the_same_defaults():
+    def lrs(opt, role):
+        return {round(float(g["lr"]), 8) for g in opt.param_groups if g["mdparam_role"] == role}
+
+    by_hand = tiny_gpt()
+    mdparam.register(by_hand, init="sphere")
+    muon, adamw = mdparam.muon_optimizers(by_hand, lr=0.02)
+    train = mdparam.recipe(tiny_gpt(), "muon", lr=0.02, head="head", fused=False, compile=False)
+    recipe_adamw, recipe_muon = train.optimizers
+    assert lrs(adamw, "gain") == lrs(recipe_adamw, "gain") == {1e-3}
+    assert lrs(adamw, "other") == lrs(recipe_adamw, "other") == {1e-2}
+    # the recipe keeps the head on a row sphere in AdamW; the blocks' groups are the same
+    assert lrs(recipe_muon, "direction") <= lrs(muon, "direction")
+    assert recipe_muon.defaults["momentum"] == muon.defaults["momentum"]
