@@ -256,4 +256,3 @@ def main(argv: list[str] | None = None, prog: str = "mdparam-export") -> int:
     if not args.quiet:
         print(f"{prog}: wrote {out}", file=sys.stderr)
     return 0
-
