@@ -235,6 +235,7 @@ def test_failure_inside_the_write_leaves_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+@pytest.mark.slow  # a writer process, killed mid-write
 def test_a_killed_writer_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "big.safetensors"
     path.write_bytes(b"previous")
@@ -551,6 +552,7 @@ def age(path, seconds):
     os.utime(path, (t, t))
 
 
+@pytest.mark.slow  # a writer process, killed mid-write
 @pytest.mark.parametrize("kind", ["file", "sharded"])
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path, kind):
     work = tmp_path / "ckpt"
