@@ -12,21 +12,20 @@ by any torch.optim optimizer.
 
 from .adapters import Adapter, register_adapter
 from .checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
-from .clipping import clip_grad_norm_, fused_grad_norm
-from .compiled_step import CompiledStep, compile_step
+from .clipping import clip_grad_norm_
+from .compiled_step import compile_step
 from .hf import save_pretrained
-from .optim import muon_optimizers, muon_param_groups, param_groups, split_params
+from .optim import muon_optimizers, param_groups
 from .parametrization import MagnitudeDirection, MDConfig, fuse
 from .recipe import Recipe, recipe, register_for_recipe
-from .register import Registered, register, registered, reinitialize, remove
+from .register import register, reinitialize, remove
 from .retraction import Retraction, RetractionError
 from .stats import Stats, stats
-from .tensor_parallel import parallelize_module
+from .tree import Registered, registered
 from .version import __version__
 
 __all__ = [
     "Adapter",
-    "CompiledStep",
     "MDConfig",
     "MagnitudeDirection",
     "Recipe",
@@ -38,11 +37,9 @@ __all__ = [
     "clip_grad_norm_",
     "compile_step",
     "fuse",
-    "fused_grad_norm",
     "load_plain",
     "load_training",
     "muon_optimizers",
-    "muon_param_groups",
     "parallelize_module",
     "param_groups",
     "plain_state_dict",
@@ -56,6 +53,14 @@ __all__ = [
     "save_plain",
     "save_pretrained",
     "save_training",
-    "split_params",
     "stats",
 ]
+
+
+def __getattr__(name: str):
+    # tensor parallelism loads torch.distributed.tensor, which most users never need
+    if name == "parallelize_module":
+        from .tensor_parallel import parallelize_module
+
+        return parallelize_module
+    raise AttributeError(f"module 'mdparam' has no attribute {name!r}")

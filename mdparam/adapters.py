@@ -38,7 +38,20 @@ __all__ = ["Adapter", "adapter_for", "register_adapter"]
 
 @dataclass(frozen=True)
 class Adapter:
-    """The tensors of one layer kind, ``((tensor_name, layout), ...)``, and its default options."""
+    """The tensors of one layer kind, ``((tensor_name, layout), ...)``, and its default options.
+
+    :func:`mdparam.register_adapter` makes one and returns it.
+
+    Example:
+        >>> import torch, mdparam
+        >>> class Gate(torch.nn.Module):  # keeps its matrix as "kernel"
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.kernel = torch.nn.Parameter(torch.randn(4, 4))
+        >>> adapter = mdparam.register_adapter(Gate, {"kernel": "linear"})
+        >>> adapter.tensors
+        (('kernel', 'linear'),)
+    """
 
     tensors: tuple[tuple[str, str], ...]
     defaults: Options = field(default_factory=Options)
@@ -84,7 +97,7 @@ def register_adapter(
             ``"transposed"`` (in, out), ``"flatten_in"`` (out, in, *kernel),
             ``"batched"`` (*batch, out, in).
         **defaults: register options for this kind (fields of
-            :class:`mdparam.Options`), used unless the call to
+            :class:`mdparam.options.Options`), used unless the call to
             :func:`mdparam.register` sets them.
 
     Example:

@@ -42,7 +42,7 @@ from .safetensors_io import (
     write_file,
     write_sharded,
 )
-from .tree import clean_key, full_tensor, registered, unwrap
+from .tree import clean_key, full_tensor, original_name, originals, registered, unwrap
 
 __all__ = [
     "load_plain",
@@ -85,10 +85,10 @@ def _state(model: nn.Module, what: str, loading: bool = False) -> _State:
     for e in entries:
         prefix = e.name[: -len(e.tensor_name)]
         base = f"{prefix}parametrizations.{e.tensor_name}."
-        originals = tuple(clean_key(f"{base}original{i}") for i in range(len(e.config.roles)))
+        keys = tuple(clean_key(base + original_name(i)) for i in range(len(e.config.roles)))
         radius = clean_key(f"{base}0.radius") if e.parametrization.radius is not None else None
         name = clean_key(e.name)
-        specs[name] = FusedSpec(name, e.config, originals, radius)
+        specs[name] = FusedSpec(name, e.config, keys, radius)
         by_name.setdefault(name, []).append(e)
     if loading and any(is_sharded(t) for t in tensors.values()):
         raise RuntimeError(
@@ -191,6 +191,15 @@ def save_plain(
     ``path`` as it was. An existing ``path`` is refused unless ``overwrite``.
     Under FSDP2 call it on every rank: all gather the full tensors, rank 0
     writes.
+
+    Example:
+        >>> import os, tempfile, torch, mdparam, safetensors.torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> path = mdparam.save_plain(model, os.path.join(tempfile.mkdtemp(), "p.safetensors"))
+        >>> plain = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no mdparam needed from here
+        >>> plain.load_state_dict(safetensors.torch.load_file(path), strict=True)
+        <All keys matched successfully>
     """
     path = atomic_path(path, overwrite=overwrite)
     st = _state(model, "save_plain")
@@ -221,6 +230,14 @@ def save_training(
     ``max_shard_bytes``, ``path`` is a directory of shards with a
     ``model.safetensors.index.json``. The optimizer's state is not included:
     save ``optimizer.state_dict()`` beside it.
+
+    Example:
+        >>> import os, tempfile, torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> path = mdparam.save_training(model, os.path.join(tempfile.mkdtemp(), "t.safetensors"))
+        >>> path.name
+        't.safetensors'
     """
     st = _state(model, "save_training")
     meta = training_metadata(st.specs.values(), metadata)
@@ -304,6 +321,15 @@ def load_training(model: nn.Module, path: str | os.PathLike) -> None:
 
     The model must be registered with the same layers and options as the one
     that was saved; everything is checked before anything is copied.
+
+    Example:
+        >>> import os, tempfile, torch, mdparam
+        >>> model, other = (torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2))
+        >>> _ = mdparam.register(model), mdparam.register(other)
+        >>> path = mdparam.save_training(model, os.path.join(tempfile.mkdtemp(), "t.safetensors"))
+        >>> mdparam.load_training(other, path)
+        >>> torch.equal(other[0].weight, model[0].weight)
+        True
     """
     st = _state(model, "load_training", loading=True)
     with CheckpointReader(path) as reader:
@@ -449,5 +475,5 @@ def _split_plain(st: _State, plan, read: Callable[[str], Tensor], label: str):
             parts = plist[0].right_inverse(value.to(direction.dtype))
         except ValueError as e:
             raise ValueError(f"{label}: {name!r}: {e}") from None
-        new.extend((getattr(plist, f"original{i}"), part) for i, part in enumerate(parts))
+        new.extend(zip(originals(plist), parts))
     return new

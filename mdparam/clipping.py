@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .distributed import is_sharded, local_radius, pieces
+from .kinds import check_choice
 from .layouts import to_matrix
 from .parametrization import gain_magnitudes
 from .tree import Registered, full_tensor, registered, unique_directions
@@ -140,11 +141,11 @@ def clip_grad_norm_(
         >>> _ = mdparam.register(model, init="sphere")
         >>> model(torch.randn(4, 8)).square().sum().mul(100).backward()
         >>> before = mdparam.clip_grad_norm_(model, 1.0)
-        >>> bool(before > 1), round(float(mdparam.fused_grad_norm(model)), 4)
+        >>> from mdparam.clipping import fused_grad_norm
+        >>> bool(before > 1), round(float(fused_grad_norm(model)), 4)
         (True, 1.0)
     """
-    if scope not in CLIP_SCOPES:
-        raise ValueError(f"unknown clip scope {scope!r}; choose one of {CLIP_SCOPES}")
+    check_choice("clip scope", scope, CLIP_SCOPES)
     if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
     total = fused_grad_norm(model) if scope == "fused" else grad_norm(model)

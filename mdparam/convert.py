@@ -1,7 +1,6 @@
 """Fuse a training checkpoint into a plain one, streaming tensor by tensor.
 
     mdparam-export IN OUT [--dtype bfloat16] [--force] [--quiet]
-    python -m mdparam.convert IN OUT ...   (the same command)
     python -m export IN OUT ...            (the same, from a checkout of the repository)
 
 Reads a file (or a sharded directory) written by ``mdparam.save_training``,
@@ -257,7 +256,3 @@ def main(argv: list[str] | None = None, prog: str = "mdparam-export") -> int:
     if not args.quiet:
         print(f"{prog}: wrote {out}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(prog="python -m mdparam.convert"))

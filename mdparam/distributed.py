@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layouts import Layout, matrix_dim, to_matrix
+from .layouts import Layout, layout_of, matrix_dim, to_matrix
 from .sphere import Sphere, sphere_dims, sphere_norm
 
 __all__ = [
@@ -78,7 +78,7 @@ def norms_are_global(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> b
     return all(matrix_dim(layout, d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
 
 
-def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tensor:
+def local_radius(d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
     """The part of a radius tensor (``radius="init"``) that belongs to this rank's shard."""
     if is_sharded(radius):  # tensor parallel replicates the parametrization's buffers
         radius = radius.full_tensor()
@@ -98,7 +98,7 @@ def local_radius(d: Tensor, layout: str, radius: float | Tensor) -> float | Tens
         rdim = storage_dim if mdim is None else out.ndim + mdim  # batch dims lead in both
         if out.shape[rdim] == 1:
             continue  # the radius does not vary along this dim
-        if layout == "flatten_in" and storage_dim > 0:
+        if layout_of(layout).merges(storage_dim):
             raise NotImplementedError(
                 "radius='init' on a convolution sharded along its kernel is not supported; "
                 "use radius='shape' or shard along the output channels"

@@ -21,6 +21,9 @@ import types
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kinds import check_choice
+from .tree import originals
+
 __all__ = [
     "FORWARDS",
     "factored_is_cheaper",
@@ -42,7 +45,7 @@ def factored_linear(module: nn.Linear, x: Tensor) -> Tensor:
     plist = module.parametrizations.weight
     config = plist[0].config
     geometry = config.geometry
-    raws = [getattr(plist, f"original{i}") for i in range(1, len(config.roles))]
+    raws = originals(plist)[1:]
     out_scale = None
     for role, raw in zip(geometry.gains.roles, raws):
         mag = geometry.gain_map(raw)
@@ -68,8 +71,7 @@ def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
 
 def install_forward(module: nn.Module, mode: str) -> None:
     """Give a registered nn.Linear the forward ``mode`` says (``"formed"``: torch's own)."""
-    if mode not in FORWARDS:
-        raise ValueError(f"unknown forward={mode!r}; choose one of {FORWARDS}")
+    check_choice("forward", mode, FORWARDS)
     linear = isinstance(module, nn.Linear)
     if mode == "factored" and not linear:
         raise ValueError(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .parametrization import FusedWeight, MagnitudeDirection, fuse
-from .tree import Registered, registered, unique_directions, unwrap
+from .tree import Registered, originals, registered, unique_directions, unwrap
 
 __all__ = ["FusedEntry", "FusedWeights", "StaleWeightError", "refresh_kept"]
 
@@ -181,5 +181,5 @@ def _after_load(plist: nn.Module, incompatible) -> None:
     incompatible.missing_keys[:] = [
         k for k in incompatible.missing_keys if not k.endswith(f".0.{_ATTR}")
     ]
-    originals = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-    md.fused.refresh(originals[0], originals[1:])
+    kept = originals(plist)
+    md.fused.refresh(kept[0], kept[1:])

@@ -27,13 +27,19 @@ def save_pretrained(
     then loads it without mdparam. The folder is created if needed; an
     existing ``model.safetensors`` in it is refused unless ``overwrite``.
 
-    Example (transformers installed)::
-
-        model = AutoModelForCausalLM.from_config(config)
-        mdparam.register(model)
-        ...  # train
-        mdparam.save_pretrained(model, "out/")
-        plain = AutoModelForCausalLM.from_pretrained("out/")
+    Example (transformers installed):
+        >>> import tempfile, torch, mdparam
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                      num_hidden_layers=1, num_attention_heads=2)
+        >>> model = LlamaForCausalLM(config)
+        >>> _ = mdparam.register(model)
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = mdparam.save_pretrained(model, folder)
+        >>> plain = LlamaForCausalLM.from_pretrained(folder)  # a plain model, no mdparam
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+        True
     """
     inner = unwrap(model)
     config = getattr(inner, "config", None)

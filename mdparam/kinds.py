@@ -8,12 +8,33 @@ message for an unknown name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["Kinds"]
+__all__ = ["Kinds", "check_choice"]
 
 T = TypeVar("T")
+
+
+def check_choice(
+    what: str, value: object, choices: Sequence[object], where: str = "", extra: str = ""
+) -> None:
+    """Raise the one "unknown X" error unless ``value`` is one of ``choices``.
+
+    Example:
+        >>> check_choice("scope", "fused", ("fused", "all"))
+        >>> check_choice("scope", "some", ("fused", "all"), where="mdparam.clip_grad_norm_")
+        Traceback (most recent call last):
+        ...
+        ValueError: mdparam.clip_grad_norm_: unknown scope='some'; choose one of ('fused', 'all')
+    """
+    try:
+        if value in choices:
+            return
+    except (TypeError, RuntimeError):  # a value that cannot be compared is no choice
+        pass
+    prefix = f"{where}: " if where else ""
+    raise ValueError(f"{prefix}unknown {what}={value!r}; choose one of {tuple(choices)}{extra}")
 
 
 class Kinds(Generic[T]):
@@ -48,12 +69,8 @@ class Kinds(Generic[T]):
     def __call__(self, name_or_obj: str | T) -> T:
         if isinstance(name_or_obj, self.base):
             return name_or_obj  # type: ignore[return-value]
-        try:
-            return self._by_name[name_or_obj]  # type: ignore[index]
-        except (KeyError, TypeError):
-            raise ValueError(
-                f"unknown {self.what}={name_or_obj!r}; choose one of {self.names}"
-            ) from None
+        check_choice(self.what, name_or_obj, self.names)
+        return self._by_name[name_or_obj]  # type: ignore[index]
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name

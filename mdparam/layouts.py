@@ -56,6 +56,11 @@ class Layout:
         for a batch dim."""
         return (-2, -1)[storage_dim]
 
+    def merges(self, storage_dim: int) -> bool:
+        """Whether storage dim ``storage_dim`` shares its matrix dim with another one (so a
+        slice of it is no slice of the matrix dim)."""
+        return False
+
     def to_matrix(self, t: Tensor) -> Tensor:
         return t
 
@@ -111,6 +116,9 @@ class FlattenInLayout(Layout):
 
     def matrix_dim(self, ndim: int, storage_dim: int) -> int | None:
         return -2 if storage_dim == 0 else -1
+
+    def merges(self, storage_dim: int) -> bool:
+        return storage_dim > 0  # d_in and the kernel make one matrix dim
 
     def to_matrix(self, t: Tensor) -> Tensor:
         return t.flatten(1)

@@ -11,7 +11,16 @@ from torch import nn
 
 from .tree import registered
 
-__all__ = ["ROLES", "muon_optimizers", "muon_param_groups", "param_groups", "split_params"]
+__all__ = [
+    "MUON_GAIN_LR",
+    "MUON_OTHER_LR",
+    "ROLES",
+    "muon_optimizers",
+    "muon_pair",
+    "muon_param_groups",
+    "param_groups",
+    "split_params",
+]
 
 ROLES = ("direction", "gain", "other")
 
@@ -75,8 +84,11 @@ def param_groups(
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> _ = mdparam.register(model)
         >>> opt = torch.optim.AdamW(mdparam.param_groups(model, lr=1e-2, gain_lr=1e-3))
-        >>> [(g["mdparam_role"], g["lr"], g["weight_decay"]) for g in opt.param_groups]
-        [('direction', 0.01, 0.0), ('gain', 0.001, 0.0), ('other', 0.01, 0.01)]
+        >>> for g in opt.param_groups:
+        ...     print(g["mdparam_role"], g["lr"], g["weight_decay"])
+        direction 0.01 0.0
+        gain 0.001 0.0
+        other 0.01 0.01
     """
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
@@ -180,19 +192,27 @@ def muon_param_groups(
     return groups
 
 
+# AdamW's LR for the gains and for embeddings, head and norms beside Muon: the recipe's
+# defaults (each a row of benchmarks/ablation.py), shared by muon_optimizers
+MUON_GAIN_LR = 1e-3
+MUON_OTHER_LR = 1e-2
+
+
 def muon_optimizers(
     model: nn.Module,
     lr: float,
-    gain_lr: float = 1e-3,
-    other_lr: float = 1e-3,
+    gain_lr: float = MUON_GAIN_LR,
+    other_lr: float = MUON_OTHER_LR,
     *,
-    other_weight_decay: float | None = None,
+    other_weight_decay: float | None = 0.0,
     muon_options: dict[str, Any] | None = None,
     adamw_options: dict[str, Any] | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The paper's Muon recipe: Muon on directions, AdamW on gains and the rest.
 
     Returns ``(muon, adamw)``; attach the retraction to ``muon`` and step both.
+    ``mdparam.recipe(model, "muon", ...)`` builds its optimizers with the same
+    code and defaults (and keeps embeddings and head on row spheres besides).
 
     Example:
         >>> import torch, mdparam
@@ -203,9 +223,33 @@ def muon_optimizers(
         >>> model(torch.randn(4, 8)).square().mean().backward()
         >>> muon.step(); adamw.step()
     """
+    return muon_pair(
+        model,
+        lr,
+        gain_lr,
+        other_lr,
+        other_weight_decay=other_weight_decay,
+        muon_options=muon_options,
+        adamw_options=adamw_options,
+    )
+
+
+def muon_pair(
+    model: nn.Module,
+    lr: float,
+    gain_lr: float,
+    other_lr: float,
+    *,
+    other_weight_decay: float | None,
+    muon_options: dict[str, Any] | None,
+    adamw_options: dict[str, Any] | None,
+    directions: list[nn.Parameter] | None = None,
+    extra_groups: Sequence[dict[str, Any]] = (),
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(Muon on ``directions`` (None: all), AdamW on gains, the rest and ``extra_groups``)."""
     if not hasattr(torch.optim, "Muon"):
         raise RuntimeError("torch.optim.Muon needs torch >= 2.9; upgrade torch or use AdamW")
-    muon = torch.optim.Muon(muon_param_groups(model, lr), **(muon_options or {}))
+    muon = torch.optim.Muon(muon_param_groups(model, lr, directions), **(muon_options or {}))
     rest = param_groups(
         model,
         lr=other_lr,
@@ -214,5 +258,5 @@ def muon_optimizers(
         other_weight_decay=other_weight_decay,
         roles=("gain", "other"),
     )
-    adamw = torch.optim.AdamW(rest, **(adamw_options or {}))
+    adamw = torch.optim.AdamW(list(extra_groups) + rest, **(adamw_options or {}))
     return muon, adamw

@@ -15,6 +15,7 @@ import torch
 
 from .forward import FORWARDS
 from .gains import gain_kind_of
+from .kinds import check_choice
 from .maps import gain_map_of
 from .sphere import RADIUS_POLICIES, resolve_radius, sphere_of
 
@@ -24,7 +25,7 @@ INITS = ("preserve", "sphere")
 FUSES = ("traced", "opaque")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by keyword: a reorder cannot swap two options
 class Options:
     """How one layer is parametrized.
 
@@ -80,12 +81,10 @@ class Options:
             ("fuse", self.fuse, FUSES),
             ("forward", self.forward, FORWARDS),
         ):
-            if value is not None and value not in choices:
-                raise ValueError(f"unknown {name}={value!r}; choose one of {choices}")
-        if isinstance(self.radius, str) and self.radius not in RADIUS_POLICIES:
-            raise ValueError(
-                f"unknown radius={self.radius!r}; choose one of {RADIUS_POLICIES} or a positive number"
-            )
+            if value is not None:
+                check_choice(name, value, choices)
+        if isinstance(self.radius, str):
+            check_choice("radius", self.radius, RADIUS_POLICIES, extra=" or a positive number")
         if self.radius is not None and not isinstance(self.radius, str):
             resolve_radius(self.radius, torch.empty(1, 1, device="meta"), "flat")
         s = self.radius_scale

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .gains import GAINS, GainKind, gain_kind_of, gain_roles
+from .gains import GainKind, gain_kind_of
+from .kinds import check_choice
 from .layouts import Layout, layout_of
 from .maps import GainMap, gain_map_of
 from .sphere import Sphere, sphere_of
 
 __all__ = [
-    "GAINS",
     "FusedWeight",
     "Geometry",
     "MDConfig",
@@ -29,7 +29,6 @@ __all__ = [
     "ScaleRowsCols",
     "fuse",
     "gain_magnitudes",
-    "gain_roles",
 ]
 
 # What right_inverse tolerates as "the gains absorbed the norm" (relative).
@@ -52,6 +51,14 @@ class MDConfig:
 
     ``radius`` is a number, or None when the radius is a tensor kept beside
     the originals (``radius="init"``).
+
+    Example:
+        >>> import torch, mdparam
+        >>> layer = torch.nn.Linear(4, 3)
+        >>> _ = mdparam.register(layer)
+        >>> (entry,) = mdparam.registered(layer)
+        >>> entry.config.shape, entry.config.layout
+        ((3, 4), 'linear')
     """
 
     gains: str
@@ -301,8 +308,7 @@ class MagnitudeDirection(nn.Module):
         fused weight equals the one assigned. ``"sphere"`` (the paper's start):
         D is the projected weight and every phi(gain) = 1.
         """
-        if init not in ("preserve", "sphere"):
-            raise ValueError(f"unknown init {init!r}; choose one of ('preserve', 'sphere')")
+        check_choice("init", init, ("preserve", "sphere"))
         before, self._assigning = self._assigning, init
         try:
             yield

@@ -29,8 +29,8 @@ from .distributed import is_sharded
 from .fused_math import AdamHyper, MuonHyper
 from .fused_optim import FusedMDOptimizer
 from .fused_weights import FusedWeights
-from .kinds import Kinds
-from .optim import muon_param_groups, param_groups
+from .kinds import Kinds, check_choice
+from .optim import MUON_OTHER_LR, muon_pair, param_groups
 from .register import register, remove
 from .retraction import Retraction
 from .tree import registered
@@ -70,6 +70,15 @@ class Recipe:
         fused: the kept weights of the fused step (None: the step forms W in
             the forward, as with any optimizer).
         fallback: why the fused step was asked for but not used (None if it was).
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> train = mdparam.recipe(model, "adamw", lr=0.01, steps=100, compile=False)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> norm = train.step()  # the gradient norm before clipping
+        >>> train.fused is not None, train.fallback
+        (True, None)
     """
 
     model: nn.Module
@@ -159,8 +168,7 @@ class Recipe:
 
 
 def _check(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"mdparam.recipe: unknown {name}={value!r}; choose one of {choices}")
+    check_choice(name, value, choices, where="mdparam.recipe")
 
 
 def _register_options(
@@ -243,19 +251,19 @@ class BaseOptimizer:
         aux_group = [
             {"params": aux, "lr": lrs["other"], "weight_decay": 0.0, "mdparam_role": "direction"}
         ][: bool(aux)]
-        if self.name == "muon":
-            if not hasattr(torch.optim, "Muon"):
-                raise RuntimeError("torch.optim.Muon needs torch >= 2.9; use optimizer='adamw'")
-            rest = param_groups(
+        if self.name == "muon":  # the code and defaults of mdparam.muon_optimizers
+            muon, adamw = muon_pair(
                 model,
-                lr=lrs["other"],
-                gain_lr=lrs["gain"],
+                lrs["direction"],
+                lrs["gain"],
+                lrs["other"],
                 other_weight_decay=0.0,
-                roles=("gain", "other"),
+                muon_options=options.get("muon"),
+                adamw_options=options.get("adamw"),
+                directions=hidden,
+                extra_groups=aux_group,
             )
-            adamw = torch.optim.AdamW(aux_group + rest, **options.get("adamw", {}))
-            muon_groups = muon_param_groups(model, lrs["direction"], hidden)
-            return [adamw, torch.optim.Muon(muon_groups, **options.get("muon", {}))]
+            return [adamw, muon]
         groups = param_groups(
             model,
             lr=lrs["direction"],
@@ -275,7 +283,7 @@ base_optimizer_of: Kinds[BaseOptimizer] = Kinds("optimizer", BaseOptimizer)
 # "embed row" setup); AdamW: both plain. The AdamW LR of embeddings, head and norms
 # per base optimizer. Each choice is a row of benchmarks/ablation.py.
 base_optimizer_of.add(
-    BaseOptimizer("muon", head_mode="sphere-gains", embeddings="sphere", other_lr=1e-2)
+    BaseOptimizer("muon", head_mode="sphere-gains", embeddings="sphere", other_lr=MUON_OTHER_LR)
 )
 base_optimizer_of.add(BaseOptimizer("adamw", head_mode="plain", embeddings="plain", other_lr=3e-2))
 BASE_OPTIMIZERS = base_optimizer_of.names

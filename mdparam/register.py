@@ -1,7 +1,7 @@
 """Putting the parametrization on a module tree, taking it off, re-initialising it.
 
 :func:`register` runs in three steps: *plan* (walk the tree, pick the layers,
-resolve each layer's :class:`~mdparam.Options`, decide what to do with tied
+resolve each layer's :class:`~mdparam.options.Options`, decide what to do with tied
 weights), *validate* (every planned tensor, before anything changes) and
 *apply* (parametrize each, undoing all of it if one fails).
 """
@@ -21,27 +21,20 @@ from .adapters import adapter_for
 from .forward import install_forward, uninstall_forward
 from .fused_weights import refresh_kept
 from .gains import gain_kind_of
+from .kinds import check_choice
 from .layouts import layout_of
 from .options import DEFAULTS, OPTION_NAMES, Options
 from .parametrization import MagnitudeDirection, MDConfig, absorb_hint
 from .sphere import resolve_radius, sphere_of
 from .tree import (
-    Registered,
     check_not_wrapped,
     md_parametrization,
+    original_name,
     registered,
     tie_map,
-    unique_directions,
 )
 
-__all__ = [
-    "Registered",
-    "register",
-    "registered",
-    "reinitialize",
-    "remove",
-    "unique_directions",
-]
+__all__ = ["register", "reinitialize", "remove"]
 
 TIED = ("skip", "share", "error")
 
@@ -280,7 +273,7 @@ def _apply(plan: list[Planned]) -> None:
                 lead = item.share_with.module.parametrizations[item.share_with.tensor_name]
                 this = item.module.parametrizations[item.tensor_name]
                 for i in range(lead.ntensors):
-                    setattr(this, f"original{i}", getattr(lead, f"original{i}"))
+                    setattr(this, original_name(i), getattr(lead, original_name(i)))
     except BaseException:
         for mod, tensor_name, original in reversed(done):
             _unparametrize(mod, tensor_name, original)
@@ -341,7 +334,7 @@ def register(
     Args:
         model: any nn.Module tree.
         gains, sphere, radius, radius_scale, gain_map, init, fuse, forward: the
-            options of every layer (:class:`mdparam.Options` says what each
+            options of every layer (:class:`mdparam.options.Options` says what each
             means). None leaves a layer kind's own default (embeddings: row
             sphere, row gains), then the global one: ``gains="rowcol"``,
             ``sphere="flat"``, ``radius="shape"``, ``gain_map="softplus"``,
@@ -374,9 +367,17 @@ def register(
         >>> torch.allclose(model(x), before, atol=1e-6)
         True
     """
-    call = Options(gains, sphere, radius, radius_scale, gain_map, init, fuse, forward)
-    if tied not in TIED:
-        raise ValueError(f"unknown tied={tied!r}; choose one of {TIED}")
+    call = Options(
+        gains=gains,
+        sphere=sphere,
+        radius=radius,
+        radius_scale=radius_scale,
+        gain_map=gain_map,
+        init=init,
+        fuse=fuse,
+        forward=forward,
+    )
+    check_choice("tied", tied, TIED)
     if not isinstance(model, nn.Module):
         raise TypeError(f"mdparam.register needs an nn.Module, got {type(model).__name__}")
     take = _kind_matcher(layers, "layers")

@@ -51,7 +51,20 @@ def _relative_indices(selector: bool | Selector, names: list[str]) -> list[int]:
 
 
 class RetractionError(FloatingPointError):
-    """A direction had a zero or non-finite norm, so it could not be rescaled."""
+    """A direction had a zero or non-finite norm, so it could not be rescaled.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = mdparam.register(model)
+        >>> with torch.no_grad():
+        ...     _ = model[0].parametrizations.weight.original0.fill_(float("nan"))
+        >>> try:
+        ...     mdparam.Retraction(model)()
+        ... except mdparam.RetractionError:
+        ...     print("refused")
+        refused
+    """
 
 
 def retract_(

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .gains import GainKind, gain_kind_of
-from .kinds import Kinds
+from .kinds import Kinds, check_choice
 
 __all__ = [
     "RADIUS_POLICIES",
@@ -201,9 +201,7 @@ def resolve_radius(radius: str | float, matrix: Tensor, sphere: str | Sphere) ->
             return kind.shape_radius(matrix.shape[-2], matrix.shape[-1])
         if radius == "init":
             return _init_radius(matrix, kind)
-        raise ValueError(
-            f"unknown radius={radius!r}; choose one of {RADIUS_POLICIES} or a positive number"
-        )
+        check_choice("radius", radius, RADIUS_POLICIES, extra=" or a positive number")
     if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
         raise ValueError(
             f"radius must be one of {RADIUS_POLICIES} or a positive number, got {radius!r}"

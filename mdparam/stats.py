@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +47,9 @@ def stats(
     default 32 rows). ``exact=True`` keeps a full copy of every direction
     instead. Under FSDP2 call it on every rank (it gathers the directions).
 
-    This function is stateful: it remembers each model's last record (in a
-    table outside the model, dropped with the model). :class:`Stats` keeps
-    the record in an object you hold instead.
+    This function remembers each model's last record on the model itself (a
+    plain attribute, not in its ``state_dict``), so it goes with the model.
+    :class:`Stats` keeps the record in an object you hold instead.
 
     Example:
         >>> import torch, mdparam
@@ -65,7 +64,7 @@ def stats(
         >>> 0 < mdparam.stats(model)["mdparam/direction_step"] < 1
         True
     """
-    records = _RECORDS.setdefault(unwrap(model), {})
+    records = unwrap(model).__dict__.setdefault(_RECORD_ATTR, {})
     return _collect(model, records, exact=exact, sketch_rows=sketch_rows, per_layer=per_layer)
 
 
@@ -106,7 +105,7 @@ class Stats:
         )
 
 
-_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stats()'s per-model records
+_RECORD_ATTR = "_mdparam_stats_records"  # stats()'s record, kept on the model it describes
 
 
 def _collect(

@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 from torch.distributed.tensor.parallel import parallelize_module as _torch_parallelize
 
-from .tree import md_parametrization, registered
+from .tree import md_parametrization, original_name, registered
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
 
@@ -58,7 +58,7 @@ def _shard_originals(module: nn.Module, mesh: DeviceMesh, dim: int) -> None:
         )
     plist = module.parametrizations.weight
     for i, role in enumerate(param.config.roles):
-        t = getattr(plist, f"original{i}")
+        t = getattr(plist, original_name(i))
         if role == "direction":
             placement = Shard(dim)
         elif role == _ALIGNED_GAIN[dim]:
@@ -66,7 +66,7 @@ def _shard_originals(module: nn.Module, mesh: DeviceMesh, dim: int) -> None:
         else:
             placement = Replicate()
         dt = distribute_tensor(t.detach(), mesh, [placement])
-        plist.register_parameter(f"original{i}", nn.Parameter(dt, requires_grad=t.requires_grad))
+        plist.register_parameter(original_name(i), nn.Parameter(dt, requires_grad=t.requires_grad))
     bias = getattr(module, "bias", None)
     if bias is not None:
         placement = Shard(0) if dim == 0 else Replicate()
@@ -128,6 +128,20 @@ def parallelize_module(
     where it names a registered Linear, torch's Colwise/RowwiseParallel is
     replaced by the one here, with the same input and output layouts.
     Register first, then call this, then ``fully_shard`` for 2-D.
+
+    Example (one process here; under torchrun every rank runs the same):
+        >>> import os, tempfile, torch, torch.distributed as dist, mdparam
+        >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> from torch.distributed.tensor.parallel import ColwiseParallel
+        >>> store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+        >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = mdparam.register(model)
+        >>> mesh = init_device_mesh("cpu", (1,))
+        >>> _ = mdparam.parallelize_module(model, mesh, {"0": ColwiseParallel()})
+        >>> type(model[0].parametrizations.weight.original0).__name__
+        'DTensor'
+        >>> dist.destroy_process_group()
     """
     if isinstance(parallelize_plan, ParallelStyle):
         return _torch_parallelize(module, device_mesh, _ours(parallelize_plan))

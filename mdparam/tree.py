@@ -4,8 +4,9 @@ Every other module asks here: which tensors carry the MD parametrization
 (:func:`registered`), which Parameters are shared between modules
 (:func:`tie_map`), what model sits inside torch.compile / DDP wrappers
 (:func:`unwrap`), whether FSDP2 or torch.compile already wrapped a model
-(:func:`check_not_wrapped`), and the whole value of a possibly sharded
-tensor (:func:`full_tensor`).
+(:func:`check_not_wrapped`), the whole value of a possibly sharded
+tensor (:func:`full_tensor`), and the tensors a parametrized layer keeps
+(:func:`original_name`, :func:`originals`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = [
     "clean_key",
     "full_tensor",
     "md_parametrization",
+    "original_name",
+    "originals",
     "registered",
     "tie_map",
     "unique_directions",
@@ -30,9 +33,29 @@ __all__ = [
 ]
 
 
+def original_name(i: int) -> str:
+    """The attribute under which torch.nn.utils.parametrize keeps a layer's ``i``-th tensor
+    (0: the direction; then the raw gains, in the order of ``MDConfig.roles``)."""
+    return f"original{i}"
+
+
+def originals(plist: nn.Module) -> tuple[Tensor, ...]:
+    """The tensors a parametrization list keeps: the direction, then the raw gains."""
+    return tuple(getattr(plist, original_name(i)) for i in range(plist.ntensors))
+
+
 @dataclass(frozen=True)
 class Registered:
-    """One parametrized tensor: where it lives and how it is parametrized."""
+    """One parametrized tensor: where it lives and how it is parametrized.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> _ = mdparam.register(model)
+        >>> (entry,) = mdparam.registered(model)
+        >>> entry.name, tuple(entry.direction.shape), [tuple(g.shape) for g in entry.gains]
+        ('0.weight', (3, 4), [(3,), (4,)])
+    """
 
     name: str  # qualified tensor name, e.g. "blocks.0.attn.q.weight"
     module: nn.Module
@@ -41,8 +64,7 @@ class Registered:
 
     @property
     def originals(self) -> tuple[Tensor, ...]:
-        plist = self.module.parametrizations[self.tensor_name]
-        return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+        return originals(self.module.parametrizations[self.tensor_name])
 
     @property
     def direction(self) -> nn.Parameter:
@@ -75,6 +97,13 @@ def registered(model: nn.Module) -> list[Registered]:
     Names are qualified from ``model`` (so a compiled model's names start with
     ``_orig_mod.``). A tensor shared by several modules (``tied="share"``)
     appears once per module.
+
+    Example:
+        >>> import torch, mdparam
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> _ = mdparam.register(model)
+        >>> print(*(e.name for e in mdparam.registered(model)))
+        0.weight 2.weight
     """
     out = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):

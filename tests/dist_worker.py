@@ -389,6 +389,34 @@ def scenario_ddp_before_recipe(rank: int, world: int, outdir: Path) -> None:
         (outdir / "ddp_before.txt").write_text(message)
 
 
+def scenario_conv_kernel_shard(rank: int, world: int, outdir: Path) -> None:
+    """A convolution sharded along its kernel, radius="init" on a column sphere: the radius
+    varies along a dim the kernel shares, so no slice of it is this rank's; the retraction
+    (which hands the layout over as an object) and clipping (as a name) both refuse it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, kernel_size=(4, 1)))
+    mdparam.register(model, layers="all", radius="init", sphere="col")
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(2) if p.ndim == 4 else None)
+    model(torch.randn(2, 4, 8, 8)).square().mean().backward()
+    errors = {}
+    for name, call in (
+        ("retraction", lambda: mdparam.Retraction(model)()),
+        ("clip", lambda: mdparam.clip_grad_norm_(model, 1.0)),
+    ):
+        try:
+            call()
+            errors[name] = ""
+        except NotImplementedError as e:
+            errors[name] = str(e)
+    if rank == 0:
+        (outdir / "conv_kernel_shard.json").write_text(json.dumps(errors))
+
+
 def worker(rank: int, world: int, store_path: str, scenario: str, args: list) -> None:
     from datetime import timedelta
 
@@ -409,6 +437,8 @@ def worker(rank: int, world: int, store_path: str, scenario: str, args: list) ->
             scenario_recipe(rank, world, *args)
         elif scenario == "ddp_before_recipe":
             scenario_ddp_before_recipe(rank, world, *args)
+        elif scenario == "conv_kernel_shard":
+            scenario_conv_kernel_shard(rank, world, *args)
         elif scenario == "kinds":
             scenario_kinds(rank, world, *args)
         elif scenario == "compile_step":

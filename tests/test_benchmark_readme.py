@@ -20,6 +20,8 @@ def page(tmp_path, monkeypatch):
     path.write_text(PAGE)
     monkeypatch.setattr(readme, "README", path)
     monkeypatch.setattr(readme, "RESULTS", tmp_path / "benchmarks" / "results")
+    monkeypatch.setattr(readme, "DOCS", tmp_path / "docs")
+    (tmp_path / "docs" / "guides").mkdir(parents=True)
     return path
 
 
@@ -35,3 +37,11 @@ def test_only_the_committed_results_update_the_readme(page, tmp_path):
     assert page.read_text() == PAGE
     assert readme.insert_if_committed("x", "committed numbers", readme.RESULTS)
     assert "committed numbers" in page.read_text()
+
+
+def test_a_table_that_moved_to_a_docs_page_is_updated_there(page, tmp_path):
+    doc = tmp_path / "docs" / "guides" / "perf.md"
+    doc.write_text("# Perf\n<!-- begin:w -->\nold\n<!-- end:w -->\n")
+    assert readme.insert("w", "new")
+    assert doc.read_text() == "# Perf\n<!-- begin:w -->\nnew\n<!-- end:w -->\n"
+    assert page.read_text() == PAGE

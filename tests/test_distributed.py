@@ -216,3 +216,11 @@ def test_ddp_wrapped_before_the_fused_recipe_is_refused_at_the_first_step(tmp_pa
     launch("ddp_before_recipe", tmp_path)
     message = (tmp_path / "ddp_before.txt").read_text()
     assert "wrapped in DDP before mdparam.recipe" in message and "recipe -> DDP" in message
+
+
+def test_a_convolution_sharded_along_its_kernel_with_init_radii_is_refused_on_both_paths(tmp_path):
+    launch("conv_kernel_shard", tmp_path)
+    errors = json.loads((tmp_path / "conv_kernel_shard.json").read_text())
+    for path in ("retraction", "clip"):
+        assert "sharded along its kernel is not supported" in errors[path], path
+        assert "radius='shape'" in errors[path]

@@ -235,6 +235,7 @@ def test_failure_inside_the_write_leaves_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+@pytest.mark.slow  # a writer process, killed mid-write
 def test_a_killed_writer_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "big.safetensors"
     path.write_bytes(b"previous")
@@ -380,7 +381,7 @@ def test_load_plain_refuses_weights_a_pure_sphere_cannot_hold():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# --- the converter's names: mdparam.convert, mdparam-export, python -m export --------
+# --- the converter's two spellings: mdparam-export, and python -m export in a checkout ---
 
 
 def test_the_converter_lives_in_the_package_and_export_is_not_installed():
@@ -394,18 +395,19 @@ def test_the_converter_lives_in_the_package_and_export_is_not_installed():
     assert export.convert is mdparam.convert.convert and export_main is mdparam.convert.main
 
 
-def test_python_dash_m_mdparam_convert_converts_outside_the_checkout(tmp_path):
+def test_the_mdparam_export_command_converts_outside_the_checkout(tmp_path):
     model = small_registered()
     mdparam.save_training(model, tmp_path / "train.safetensors")
+    command = Path(sys.executable).parent / "mdparam-export"  # the installed console script
     out = subprocess.run(
-        [sys.executable, "-m", "mdparam.convert", "train.safetensors", "plain.safetensors"],
+        [str(command), "train.safetensors", "plain.safetensors"],
         cwd=tmp_path,  # not the repository: the installed package alone
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "python -m mdparam.convert: wrote plain.safetensors" in out.stderr
+    assert "mdparam-export: wrote plain.safetensors" in out.stderr
     plain = safetensors.torch.load_file(tmp_path / "plain.safetensors")
     reference = mdparam.plain_state_dict(model)
     assert set(plain) == set(reference) and all(torch.equal(plain[k], reference[k]) for k in plain)
@@ -550,6 +552,7 @@ def age(path, seconds):
     os.utime(path, (t, t))
 
 
+@pytest.mark.slow  # a writer process, killed mid-write
 @pytest.mark.parametrize("kind", ["file", "sharded"])
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path, kind):
     work = tmp_path / "ckpt"

@@ -10,7 +10,9 @@ from conftest import rel_err, sphere_error, tiny_gpt
 from torch import nn
 
 import mdparam
+from mdparam.clipping import fused_grad_norm
 from mdparam.maps import apply_gain_map
+from mdparam.optim import muon_param_groups
 
 
 def _batch(seed=0, vocab=64, t=16):
@@ -105,7 +107,7 @@ def test_radius_scale_scales_the_adamw_lr_and_the_muon_step():
             scaled = {id(p) for p in g["params"]} <= o_dirs
             assert g["lr"] == pytest.approx(0.005 if scaled else 0.01)
     # Muon: the step of a scaled layer is lr x its (smaller) radius, the relative step stays lr
-    muon_groups = mdparam.muon_param_groups(model, lr=0.01)
+    muon_groups = muon_param_groups(model, lr=0.01)
     lr_of = {id(p): g["lr"] for g in muon_groups for p in g["params"]}
     entries = {e.name: e for e in mdparam.registered(model)}
     o, q = (entries[f"blocks.0.attn.{n}.weight"].direction for n in "oq")  # same shape
@@ -152,7 +154,7 @@ def _implied_weight_grads(md):
 def test_fused_norm_is_the_plain_models_gradient_norm():
     plain, md = _pair()
     want = torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()])
-    assert float(mdparam.fused_grad_norm(md)) == pytest.approx(float(want), rel=1e-4)
+    assert float(fused_grad_norm(md)) == pytest.approx(float(want), rel=1e-4)
     # and not the norm over directions and gains, which is what scope="all" measures
     over_leaves = torch.nn.utils.get_total_norm([p.grad for p in md.parameters()])
     assert abs(float(over_leaves) - float(want)) / float(want) > 0.05
@@ -168,7 +170,7 @@ def test_fused_clipping_equals_clipping_the_plain_weights_first():
     for name, dw in _implied_weight_grads(md).items():
         assert rel_err(dw, plain_grads[name].grad) < 1e-4
     assert rel_err(md.ln_f.weight.grad, plain.ln_f.weight.grad) < 1e-5
-    assert float(mdparam.fused_grad_norm(md)) == pytest.approx(0.05, rel=1e-4)
+    assert float(fused_grad_norm(md)) == pytest.approx(0.05, rel=1e-4)
 
 
 def test_all_scope_is_torchs_clipping_over_directions_and_gains():
@@ -362,3 +364,19 @@ def test_preserve_applies_to_the_hidden_matrices_and_unit_spheres_start_on_them(
     # embeddings and head: on their unit rows (no gains could keep their weights)
     d = entries["tok.weight"].direction.detach()
     assert torch.allclose(d.norm(dim=1), torch.ones(d.shape[0]), atol=1e-5)
+
+
+def test_muon_optimizers_and_the_muon_recipe_are_built_alike_with_the_same_defaults():
+    def lrs(opt, role):
+        return {round(float(g["lr"]), 8) for g in opt.param_groups if g["mdparam_role"] == role}
+
+    by_hand = tiny_gpt()
+    mdparam.register(by_hand, init="sphere")
+    muon, adamw = mdparam.muon_optimizers(by_hand, lr=0.02)
+    train = mdparam.recipe(tiny_gpt(), "muon", lr=0.02, head="head", fused=False, compile=False)
+    recipe_adamw, recipe_muon = train.optimizers
+    assert lrs(adamw, "gain") == lrs(recipe_adamw, "gain") == {1e-3}
+    assert lrs(adamw, "other") == lrs(recipe_adamw, "other") == {1e-2}
+    # the recipe keeps the head on a row sphere in AdamW; the blocks' groups are the same
+    assert lrs(recipe_muon, "direction") <= lrs(muon, "direction")
+    assert recipe_muon.defaults["momentum"] == muon.defaults["momentum"]

@@ -3,6 +3,7 @@ import torch
 from conftest import byte_batches, sphere_error, tiny_gpt
 
 import mdparam
+from mdparam.optim import muon_param_groups, split_params
 
 
 @pytest.mark.parametrize("sphere", ["flat", "row"])
@@ -24,7 +25,7 @@ def test_adamw_md_learns_bytes_and_keeps_directions_on_the_sphere(sphere):
     assert first > 5.0  # about log(256) at the start
     assert last < 0.6 * first, (first, last)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
-    roles = mdparam.split_params(model)
+    roles = split_params(model)
     names = {id(p): n for n, p in model.named_parameters()}
     for role in ("direction", "gain", "other"):
         assert all(names[id(p)] in moved for p in roles[role]), role
@@ -73,7 +74,7 @@ def test_param_groups_needs_a_registered_model():
 def test_muon_groups_scale_the_step_to_the_paper():
     model = tiny_gpt()
     mdparam.register(model)
-    groups = mdparam.muon_param_groups(model, lr=0.02)
+    groups = muon_param_groups(model, lr=0.02)
     for g in groups:
         d_out, d_in = g["params"][0].shape
         torch_factor = max(1, d_out / d_in) ** 0.5
