@@ -3,7 +3,7 @@
     ./run python benchmarks/ablation.py              # every row (resumes)
     ./run python benchmarks/ablation.py --report     # table and plot only
 
-The recipe is mdparam.recipe's defaults as benchmarks/methods.py uses them
+The recipe is mdparam.recipe's defaults as examples/methods.py uses them
 (RECIPE below: the paper's start, gain LR 1e-3, residual output projections
 on a 1/sqrt(2L) sphere, clipping on the fused weights, and embeddings and
 head on a unit row sphere with head gains for Muon, plain for AdamW). Each
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from methods import RunConfig, base_optimizer  # noqa: E402
+from examples.methods import RunConfig, base_optimizer  # noqa: E402
 from runs import RESULTS, load, resume, run_rounds, save, score  # noqa: E402
 
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")

@@ -4,7 +4,7 @@
     ./run python benchmarks/reproduce.py --methods md-adamw --widths 64
     ./run python benchmarks/reproduce.py --report                # tables and plots only
 
-Every method (benchmarks/methods.py says what each is) is trained at each
+Every method (examples/methods.py says what each is) is trained at each
 width on a learning-rate grid with a factor sqrt(2) between points, starting
 from 7 points around the method's usual LR and extended on whichever side
 the best LR sits until the best is interior. At each method's best LR, two
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from methods import METHODS, RunConfig, base_optimizer, other_lr_of  # noqa: E402
+from examples.methods import METHODS, RunConfig, base_optimizer, other_lr_of  # noqa: E402
 from runs import RESULTS, ROOT, load, resume, run_rounds, score  # noqa: E402
 
 CENTER = {  # middle of the first grid; the grid then follows the results

@@ -1,7 +1,7 @@
 """Training runs in a process pool, saved to a resumable JSON file.
 
 The reproduction sweep (reproduce.py) and the recipe ablation (ablation.py)
-both submit jobs ({"key", "config", ...}) of benchmarks/methods.py runs: eager,
+both submit jobs ({"key", "config", ...}) of examples/methods.py runs: eager,
 one thread each, as many at once as workers. Every finished run is written
 to the results file at once, so an interrupted command resumes where it
 stopped.
@@ -38,7 +38,7 @@ def _init_worker() -> None:
 
 
 def _run(job: dict) -> tuple[str, dict]:
-    from methods import RunConfig, train
+    from examples.methods import RunConfig, train
 
     res = train(RunConfig(**job["config"]), _CORPUS)
     res.pop("_setup")

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mdparam
-from benchmarks.methods import DEFAULT_LR, OUTPUT_PROJECTIONS, RunConfig
 from examples.corpus import load_corpus
 from examples.gpt import GPT, GPTConfig
+from examples.methods import DEFAULT_LR, OUTPUT_PROJECTIONS, RunConfig
 
 
 def parse_args() -> argparse.Namespace:

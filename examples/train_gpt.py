@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import safetensors.torch
 
 import mdparam
-from benchmarks.methods import DEFAULT_LR, MD_METHODS, RunConfig, train
 from examples.corpus import load_corpus
 from examples.gpt import GPT
+from examples.methods import DEFAULT_LR, MD_METHODS, RunConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mdparam
-from benchmarks.methods import DEFAULT_LR
 from examples.corpus import load_corpus
 from examples.gpt import GPT, GPTConfig
+from examples.methods import DEFAULT_LR
 from mdparam import lightning as mdl
 
 
