@@ -1,10 +1,10 @@
 """The main job's GPT trained with MD under FSDP2, DDP or tensor parallel, launched by torchrun.
 
-    ./run python -m torch.distributed.run --nproc_per_node 2 examples/train_distributed.py
-    ./run python -m torch.distributed.run --nproc_per_node 2 examples/train_distributed.py --ddp
-    ./run python -m torch.distributed.run --nproc_per_node 2 examples/train_distributed.py --tp 2
-    ./run python -m torch.distributed.run --nproc_per_node 4 examples/train_distributed.py --tp 2
-    # on GPUs: torchrun --nproc_per_node 8 examples/train_distributed.py --steps 5000 --width 768
+    ./run python -m torch.distributed.run --nproc_per_node 2 -m examples.train_distributed
+    ./run python -m torch.distributed.run --nproc_per_node 2 -m examples.train_distributed --ddp
+    ./run python -m torch.distributed.run --nproc_per_node 2 -m examples.train_distributed --tp 2
+    ./run python -m torch.distributed.run --nproc_per_node 4 -m examples.train_distributed --tp 2
+    # on GPUs: torchrun --nproc_per_node 8 -m examples.train_distributed --steps 5000 --width 768
 
 The order that works: mdparam.register_for_recipe -> mdparam.parallelize_module
 (tensor parallel) -> fully_shard (or DDP) -> mdparam.recipe (optimizers,
@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mdparam
 from examples.corpus import load_corpus

@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import safetensors.torch
+import torch
 
 import mdparam
 from examples.corpus import load_corpus

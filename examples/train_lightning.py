@@ -1,7 +1,7 @@
 """The main job's GPT trained with MD under PyTorch Lightning (``pip install mdparam[lightning]``).
 
-    ./run python examples/train_lightning.py                  # Muon's recipe, 2 epochs on CPU
-    ./run python examples/train_lightning.py --optimizer adamw
+    ./run python -m examples.train_lightning                  # Muon's recipe, 2 epochs on CPU
+    ./run python -m examples.train_lightning --optimizer adamw
 
 Registration happens in ``configure_model`` (Lightning restores a checkpoint
 after it), the optimizers come from the recipe, and ``mdparam.lightning.step``
@@ -13,14 +13,11 @@ into a fresh plain GPT with strict=True.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import lightning as L
 import safetensors.torch
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mdparam
 from examples.corpus import load_corpus
