@@ -16,7 +16,7 @@ them at their own best LRs, with knobs of their own tried the same way.
 which chose the defaults from a recipe with gain LR 3e-3 and embeddings and
 head plain for every method, is benchmarks/results/ablation_round1.json.
 
-Results: benchmarks/results/ablation.json, ablation.md (the README's
+Results: benchmarks/results/ablation.json, ablation.md (docs/reproduction.md's
 table), ablation.png.
 """
 

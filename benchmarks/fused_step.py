@@ -17,8 +17,8 @@ process; each side's median over the timed steps; ratios of medians, over
 ``--processes`` fresh processes per allocator setting. Memory and cold
 compile: each side alone in a fresh process with an empty inductor cache:
 the seconds of its first two steps, and the process's peak RSS after 10;
-then again with the compile cache warm, where the peak RSS is training's
-rather than compiling's (``--no-cold`` runs only that one). Results: benchmarks/results/fused_step.json and .md (the README shows the table).
+then again with that compile cache, now warm, where the peak RSS is
+training's rather than compiling's. Results: benchmarks/results/fused_step.json and .md (docs/performance.md shows the table).
 """
 
 from __future__ import annotations
@@ -135,14 +135,14 @@ def child_memory(args: argparse.Namespace) -> dict:
     }
 
 
-def run_child(flags: list[str], env_extra: dict, fresh_cache: bool = False) -> dict:
+def run_child(flags: list[str], env_extra: dict, cache: str | None = None) -> dict:
+    """A child process; ``cache``: its inductor cache directory (None: the default one)."""
     env = {**os.environ, **env_extra, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as cache:
-        if fresh_cache:
-            env["TORCHINDUCTOR_CACHE_DIR"] = cache
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", *flags], env=env, capture_output=True, text=True
-        )
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *flags], env=env, capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise RuntimeError(f"child {flags} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -176,13 +176,17 @@ def measure(args: argparse.Namespace, data: dict, path: Path) -> None:
         if args.memory:
             for side in SIDES:
                 flags = ["--what", "memory", "--shape", shape, "--optimizer", opt, "--side", side]
-                mem = point["memory"].setdefault(side, {})
-                if args.cold:
-                    mem.update(run_child(flags, {}, fresh_cache=True))
-                # with the compile cache warm, the peak is training's rather than compiling's
-                mem["warm_rss_mib"] = run_child(flags, {})["max_rss_mib"]
+                with tempfile.TemporaryDirectory() as cache:
+                    mem = point["memory"][side] = run_child(flags, {}, cache)  # empty cache
+                    # the same cache, now warm: the peak is training's rather than compiling's
+                    mem["warm_rss_mib"] = run_child(flags, {}, cache)["max_rss_mib"]
             print(f"[{n}/{len(todo)}] {shape} {opt} memory: {point['memory']}", flush=True)
             path.write_text(json.dumps(data, indent=1))
+
+
+def _per_side(mem: dict, key: str) -> str:
+    """``plain / fused / formed`` of one memory measurement, or empty without any."""
+    return " / ".join(f"{mem[s].get(key, float('nan')):.0f}" for s in SIDES) if mem else ""
 
 
 def _spread(values: list[float]) -> str:
@@ -214,19 +218,7 @@ def report(data: dict) -> str:
                         statistics.median(vals)
                     )
         mem = point.get("memory", {})
-        row.append(
-            " / ".join(f"{mem[s].get('max_rss_mib', float('nan')):.0f}" for s in SIDES)
-            if mem
-            else ""
-        )
-        row.append(
-            " / ".join(f"{mem[s].get('warm_rss_mib', float('nan')):.0f}" for s in SIDES)
-            if mem
-            else ""
-        )
-        row.append(
-            " / ".join(f"{mem[s].get('cold_s', float('nan')):.0f}" for s in SIDES) if mem else ""
-        )
+        row += [_per_side(mem, k) for k in ("max_rss_mib", "warm_rss_mib", "cold_s")]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for (opt, a, side), vals in sorted(means.items()):
@@ -246,7 +238,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed steps per side and process")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="memory only")
-    p.add_argument("--no-cold", dest="cold", action="store_false", help="no cold-cache children")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="only rewrite the table from --out")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -24,7 +24,7 @@ and then the speed suite's whole GPT train step (AdamW, retraction; q/k/v/o
 projections too) with W formed and with the factored forward.
 
 Each process is fresh; the ratio's median over processes is reported. Results:
-benchmarks/results/gemm_fusion.json, and a table in the README.
+benchmarks/results/gemm_fusion.json, and a table in docs/performance.md.
 """
 
 from __future__ import annotations

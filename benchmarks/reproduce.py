@@ -14,7 +14,7 @@ many in parallel as --workers.
 
 Everything is saved after each run to benchmarks/results/reproduce.json, so an
 interrupted sweep resumes where it stopped. The report writes reproduce.md
-(the README's table), reproduce_lr.png (validation loss against LR, per
+(docs/reproduction.md's table), reproduce_lr.png (validation loss against LR, per
 method and width) and reproduce_curves.png (loss curves at the best LRs).
 """
 

@@ -9,7 +9,7 @@ the same tensors, interleaved (medians): the per-tensor loop (``retract_``, one 
 one multiply per direction) and :class:`mdparam.retraction.RetractionGroups` with chunks
 of 2, 8 and 32 MiB and with no limit (the default). Timed alone, then right after
 training steps with the order rotated so that each variant goes first as often as the
-others. Results: benchmarks/results/retraction_chunks.{json,md}; the README quotes them.
+others. Results: benchmarks/results/retraction_chunks.{json,md}; docs/performance.md quotes them.
 """
 
 from __future__ import annotations

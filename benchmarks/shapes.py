@@ -22,7 +22,7 @@ and MD side by side (interleaved, medians):
 
 ``--processes N`` repeats every point in N processes to show how much the
 ratios move between runs. Results: benchmarks/results/shapes.json,
-shapes.md (the README's table) and shapes.png (heatmap).
+shapes.md (docs/performance.md's table) and shapes.png (heatmap).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ memory), once with the default glibc allocator and once with
 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296.
 Plain and MD variants run interleaved (A B A B ...) in one process, and the
 reported numbers are ratios of medians. Results: benchmarks/results/speed.json
-and speed.md (the README shows the table).
+and speed.md (docs/performance.md shows the table).
 
 Workload: the benchmark GPT (6 layers, d=512, untied head, vocab 8192, 27.3M
 parameters), 8 x 128 tokens per step, fp32, AdamW.

@@ -94,7 +94,7 @@ def _state(model: nn.Module, what: str, loading: bool = False) -> _State:
         raise RuntimeError(
             f"mdparam.{what}: the model is sharded by FSDP2. Load before sharding "
             "(register -> load -> fully_shard), or resume a sharded run with "
-            "torch.distributed.checkpoint (see the README's section on running at scale)"
+            "torch.distributed.checkpoint (docs/guides/distributed.md says how)"
         )
     return _State(list(tensors), tensors, specs, by_name)
 

@@ -25,6 +25,7 @@ from .fused_math import (
     matrix_step,
 )
 from .fused_weights import FusedEntry, FusedWeights
+from .kinds import check_choice
 from .optim import muon_step_scale
 from .retraction import RetractionError
 
@@ -211,7 +212,7 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         return (obj, st["exp_avg"], st["exp_avg_sq"], group["lr"], st["step"], wd)
 
     def _forget(self, *_: Any) -> None:
-        """After a state load or a new group, the cached arguments point at old tensors."""
+        """After a state load, the cached arguments point at the replaced state tensors."""
         self._order, self._args = None, {}
 
     def _matrix_args(self, e: FusedEntry, lr: Tensor, gain_lr: Tensor | None) -> tuple:
@@ -258,10 +259,7 @@ def _plan(weights: FusedWeights, groups: list[dict]) -> tuple[dict, dict, int | 
         if role != "direction":
             continue
         update = g.get("update", "adamw")
-        if update not in UPDATES:
-            raise ValueError(
-                f"mdparam.FusedMDOptimizer: unknown update={update!r}; choose one of {UPDATES}"
-            )
+        check_choice("update", update, UPDATES, where="mdparam.FusedMDOptimizer")
         for p in g["params"]:
             e = entries.get(id(p))
             if e is None:

@@ -12,7 +12,7 @@ from torch import nn
 from .tree import registered
 
 __all__ = [
-    "MUON_GAIN_LR",
+    "GAIN_LR",
     "MUON_OTHER_LR",
     "ROLES",
     "muon_optimizers",
@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 ROLES = ("direction", "gain", "other")
+GAIN_LR = 1e-3  # AdamW's LR for the raw gains: the authors' value (see the recipe ablation)
 
 
 def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -53,7 +54,7 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def param_groups(
     model: nn.Module,
     lr: float,
-    gain_lr: float = 1e-3,
+    gain_lr: float = GAIN_LR,
     other_lr: float | None = None,
     *,
     other_weight_decay: float | None = None,
@@ -192,16 +193,15 @@ def muon_param_groups(
     return groups
 
 
-# AdamW's LR for the gains and for embeddings, head and norms beside Muon: the recipe's
-# defaults (each a row of benchmarks/ablation.py), shared by muon_optimizers
-MUON_GAIN_LR = 1e-3
+# AdamW's LR for embeddings, head and norms beside Muon: the recipe's default (a row of
+# benchmarks/ablation.py), shared by muon_optimizers
 MUON_OTHER_LR = 1e-2
 
 
 def muon_optimizers(
     model: nn.Module,
     lr: float,
-    gain_lr: float = MUON_GAIN_LR,
+    gain_lr: float = GAIN_LR,
     other_lr: float = MUON_OTHER_LR,
     *,
     other_weight_decay: float | None = 0.0,

@@ -30,7 +30,7 @@ from .fused_math import AdamHyper, MuonHyper
 from .fused_optim import FusedMDOptimizer
 from .fused_weights import FusedWeights
 from .kinds import Kinds, check_choice
-from .optim import MUON_OTHER_LR, muon_pair, param_groups
+from .optim import GAIN_LR, MUON_OTHER_LR, muon_pair, param_groups
 from .register import register, remove
 from .retraction import Retraction
 from .tree import registered
@@ -167,10 +167,6 @@ class Recipe:
             sch.load_state_dict(s)
 
 
-def _check(name: str, value: object, choices: tuple[str, ...]) -> None:
-    check_choice(name, value, choices, where="mdparam.recipe")
-
-
 def _register_options(
     embeddings: str,
     head: str | None,
@@ -237,7 +233,7 @@ def _linear_decay(steps: int | None):
 @dataclass(frozen=True)
 class BaseOptimizer:
     """A base optimizer of the recipe, with the treatment of embeddings and head that
-    measured best with it (README, "What each default is worth")."""
+    measured best with it (docs/reproduction.md, "What each default is worth")."""
 
     name: str
     head_mode: str
@@ -295,7 +291,7 @@ def recipe(
     *,
     lr: float,
     steps: int | None = None,
-    gain_lr: float = 1e-3,
+    gain_lr: float = GAIN_LR,
     other_lr: float | None = None,
     relative_step: bool = True,
     clip: float | None = 1.0,
@@ -339,7 +335,7 @@ def recipe(
             ``"preserve"``; embeddings and head on a unit sphere start on it.
         include, exclude: as in :func:`mdparam.register`.
         muon_options, adamw_options: more keyword arguments for the optimizers.
-        fused, compile: the fused step (README, "The fused step"), compiled
+        fused, compile: the fused step (docs/guides/from-scratch.md), compiled
             (``compile=False``: eager). Where it cannot train the model, the
             recipe warns once, says why in ``repr`` and forms W in the forward.
 
@@ -359,7 +355,7 @@ def recipe(
     names = [e.name for e in registered(model)] or register_for_recipe(
         model, base.name, head=head, **choices, **where
     )
-    _check("clip_scope", clip_scope, CLIP_SCOPES)
+    check_choice("clip_scope", clip_scope, CLIP_SCOPES, where="mdparam.recipe")
     other_lr = base.other_lr if other_lr is None else other_lr
     lrs = {"direction": lr, "gain": gain_lr, "other": other_lr}
     options = {"muon": dict(muon_options or {}), "adamw": dict(adamw_options or {})}
@@ -527,8 +523,8 @@ def register_for_recipe(
     base = base_optimizer_of(optimizer)
     head_mode = base.head_mode if head_mode is None else head_mode
     embeddings = base.embeddings if embeddings is None else embeddings
-    _check("head_mode", head_mode, HEAD_MODES)
-    _check("embeddings", embeddings, EMBEDDING_MODES)
+    check_choice("head_mode", head_mode, HEAD_MODES, where="mdparam.recipe")
+    check_choice("embeddings", embeddings, EMBEDDING_MODES, where="mdparam.recipe")
     kw = _register_options(embeddings, head, head_mode, radius_scale, init)
     kw["exclude"] = _all_excluded(kw.get("exclude"), exclude)
     names = register(model, include=include, **kw)

@@ -377,6 +377,21 @@ def register(
         fuse=fuse,
         forward=forward,
     )
+    plan = _plan(model, call, include, exclude, tied, layers, overrides)
+    _apply(plan)
+    return [p.name for p in plan]
+
+
+def _plan(
+    model: nn.Module,
+    call: Options,
+    include: Selector,
+    exclude: Selector,
+    tied: str,
+    layers: LayerKinds,
+    overrides: Mapping[type | str, Mapping[str, object]] | None,
+) -> list[Planned]:
+    """What :func:`register` will apply, every tensor validated; nothing changed yet."""
     check_choice("tied", tied, TIED)
     if not isinstance(model, nn.Module):
         raise TypeError(f"mdparam.register needs an nn.Module, got {type(model).__name__}")
@@ -390,8 +405,7 @@ def register(
     _validate(selected)
     plan = _resolve_ties(model, selected, tied)
     _validate([p for p in plan if p.share_with is not None])
-    _apply(plan)
-    return [p.name for p in plan]
+    return plan
 
 
 def _unparametrize(mod: nn.Module, tensor_name: str, value: Tensor) -> None:

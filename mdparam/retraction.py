@@ -185,8 +185,8 @@ def _whole_norms(tensors: list[Tensor]) -> Tensor:
     fp32/fp64 take a BLAS dot per tensor rather than ``_foreach_norm``: on two
     threads the dot splits the data between threads as the rescale that follows
     does, while the norm's reduction splits it otherwise, and writing lines the
-    other core has just read cost 4-7x in some processes here (README,
-    "Retraction"). Other dtypes are normed in fp32.
+    other core has just read cost 4-7x in some processes here
+    (docs/guides/trained-weights.md, "Retraction"). Other dtypes are normed in fp32.
     """
     if tensors[0].dtype in (torch.float32, torch.float64):
         return torch.stack([_squared_norm(t) for t in tensors]).sqrt()
@@ -244,7 +244,7 @@ class Retraction:
     ``compile="auto"`` (default) compiles on accelerators, where one graph
     saves a kernel launch per tensor, and runs eagerly on the CPU, where
     inductor's single fused kernel norms every tensor before rescaling any and
-    so re-reads them from memory (the README's performance section has the
+    so re-reads them from memory (docs/guides/trained-weights.md, "Retraction", has the
     measurements). bf16/fp16 directions are normed and rescaled in fp32.
     Under FSDP2 the norms of sharded directions are reduced across ranks
     (:class:`mdparam.distributed.ShardedNorms`).

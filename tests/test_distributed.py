@@ -173,7 +173,7 @@ def test_tensor_parallel_errors_say_what_to_do(tmp_path):
     launch("tp_errors", tmp_path, world=1)
     errors = json.loads((tmp_path / "tp_errors.json").read_text())
     # torch's styles shard `weight` by name, which a registered Linear computes: the
-    # README documents this error and points to mdparam.parallelize_module
+    # docs/guides/distributed.md documents this error and points to mdparam.parallelize_module
     assert errors["torch_styles"].startswith("KeyError"), errors
     assert "tied='share'" in errors["tied"] and "Leave it out of the plan" in errors["tied"]
 

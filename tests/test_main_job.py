@@ -15,7 +15,7 @@ TINY = "--steps 3 --width 32 --depth 1 --heads 2 --batch 2 --block 32 --eval-eve
 @pytest.mark.slow
 def test_main_job_trains_compiled_exports_and_reloads(tmp_path):
     summary = train_gpt.main([*TINY, "--out", str(tmp_path)])
-    assert summary["method"] == "md-muon"  # the recipe that measured best (README)
+    assert summary["method"] == "md-muon"  # the recipe that measured best (docs/reproduction.md)
     assert summary["export"]["agree"]  # the strict load itself raises on a mismatch
     assert summary["export"]["max_rel_logit_diff"] <= 1e-5
     # q, k, v, o, up, down, and Muon's recipe puts embeddings and head on unit row spheres
