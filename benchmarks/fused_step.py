@@ -173,14 +173,15 @@ def measure(args: argparse.Namespace, data: dict, path: Path) -> None:
             ratios = {s: [round(r["ratio"][s], 3) for r in runs] for s in ("fused", "formed")}
             print(f"[{n}/{len(todo)}] {shape} {opt} {alloc}: {ratios}", flush=True)
             path.write_text(json.dumps(data, indent=1))
-        if args.memory:
+        for alloc in args.allocators if args.memory else []:
+            env, mems = ALLOCATORS[alloc], point["memory"].setdefault(alloc, {})
             for side in SIDES:
                 flags = ["--what", "memory", "--shape", shape, "--optimizer", opt, "--side", side]
                 with tempfile.TemporaryDirectory() as cache:
-                    mem = point["memory"][side] = run_child(flags, {}, cache)  # empty cache
+                    mem = mems[side] = run_child(flags, env, cache)  # empty cache
                     # the same cache, now warm: the peak is training's rather than compiling's
-                    mem["warm_rss_mib"] = run_child(flags, {}, cache)["max_rss_mib"]
-            print(f"[{n}/{len(todo)}] {shape} {opt} memory: {point['memory']}", flush=True)
+                    mem["warm_rss_mib"] = run_child(flags, env, cache)["max_rss_mib"]
+            print(f"[{n}/{len(todo)}] {shape} {opt} {alloc} memory: {mems}", flush=True)
             path.write_text(json.dumps(data, indent=1))
 
 
@@ -199,11 +200,13 @@ def report(data: dict) -> str:
     head = ["shape / optimizer"]
     for a in allocs:
         head += [f"fused ({a})", f"formed ({a})"]
-    head += [
-        "peak RSS MiB, whole process: plain / fused / formed",
-        "peak RSS MiB, warm compile cache: plain / fused / formed",
-        "cold s: plain / fused / formed",
-    ]
+    mem_allocs = sorted({a for p in data.values() for a in p.get("memory", {})})
+    for a in mem_allocs:
+        head += [
+            f"peak RSS MiB, whole process ({a}): plain / fused / formed",
+            f"peak RSS MiB, warm compile cache ({a}): plain / fused / formed",
+        ]
+    head += [f"cold s ({a}): plain / fused / formed" for a in mem_allocs[:1]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     means: dict[tuple, list[float]] = {}
     for key, point in data.items():
@@ -217,8 +220,10 @@ def report(data: dict) -> str:
                     means.setdefault((key.split("/")[1], a, side), []).append(
                         statistics.median(vals)
                     )
-        mem = point.get("memory", {})
-        row += [_per_side(mem, k) for k in ("max_rss_mib", "warm_rss_mib", "cold_s")]
+        mems = point.get("memory", {})
+        for a in mem_allocs:
+            row += [_per_side(mems.get(a, {}), k) for k in ("max_rss_mib", "warm_rss_mib")]
+        row += [_per_side(mems.get(a, {}), "cold_s") for a in mem_allocs[:1]]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for (opt, a, side), vals in sorted(means.items()):
