@@ -103,8 +103,8 @@ def shard(model: GPT, args: argparse.Namespace, device: torch.device, world: int
     return model, rank, dp
 
 
-def main() -> None:
-    args = parse_args()
+def init_distributed() -> tuple[int, int, torch.device]:
+    """The process group (NCCL on GPUs, else gloo): this rank, the world size, this rank's device."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -113,9 +113,14 @@ def main() -> None:
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    return rank, world, device
+
+
+def build(args: argparse.Namespace, device: torch.device, world: int):
+    """The GPT registered, sharded, then set up with mdparam.recipe.
+
+    Returns (model, its forward, the recipe, dp rank, dp size).
+    """
     torch.manual_seed(0)  # the same initial model on every rank
     cfg = GPTConfig(256, args.block, args.depth, args.width // 32, args.width)
     model = GPT(cfg).to(device)
@@ -134,6 +139,45 @@ def main() -> None:
         head="head",
         clip_scope="all",  # fused: not for shards yet
     )
+    return model, net, train, dp_rank, dp
+
+
+def resume_from(ckpt: Path, model: GPT, opt, sched) -> int:
+    """Load the torch.distributed.checkpoint in ``ckpt``; the step to continue from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "sched": sched.state_dict(), "step": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sched.load_state_dict(state["sched"])
+    return int(state["step"])
+
+
+def compiled_step(model: GPT, train, opt, sched):
+    """--compile-step: clip, mdparam.compile_step (the step and the retraction), schedule, zero.
+
+    Built after any resume, which loads the param groups (float LRs).
+    """
+    compiled = mdparam.compile_step(opt, mdparam.Retraction(model, relative_step=True))
+
+    def step_fn() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
+        compiled()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step_fn
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world, device = init_distributed()
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model, net, train, dp_rank, dp = build(args, device, world)
     opt, sched = train.optimizers[0], train.schedulers[0]
     step_fn = train.step
     if args.compile_step:  # the compiled step runs the retraction itself
@@ -141,26 +185,12 @@ def main() -> None:
             handle.remove()
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    start = 0
     ckpt = out / "dcp"
-    if args.resume:
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd, "sched": sched.state_dict(), "step": torch.tensor(0)}
-        dcp.load(state, checkpoint_id=str(ckpt))
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
-
-    if args.compile_step:  # built after any resume, which loads the param groups (float LRs)
-        compiled = mdparam.compile_step(opt, mdparam.Retraction(model, relative_step=True))
-
-        def step_fn() -> None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
-            compiled()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+    start = resume_from(ckpt, model, opt, sched) if args.resume else 0
+    if args.compile_step:
+        step_fn = compiled_step(model, train, opt, sched)
 
     corpus = load_corpus()
     local = args.global_batch // dp

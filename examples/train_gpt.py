@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 import mdparam
-from examples.corpus import load_corpus
+from examples.corpus import Corpus, load_corpus
 from examples.gpt import GPT
 from examples.methods import DEFAULT_LR, MD_METHODS, RunConfig, train
 
@@ -141,17 +141,9 @@ def plot(result: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    method = method_of(args)
-    corpus = load_corpus(args.text)
-    print(
-        f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.val):,} val bytes, "
-        f"sha256 {corpus.sha256[:16]}"
-    )
-    cfg = RunConfig(
+def run_config(args: argparse.Namespace, method: str) -> RunConfig:
+    """The training harness's run for these flags."""
+    return RunConfig(
         method=method,
         width=args.width,
         depth=args.depth,
@@ -168,21 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
         eval_every=args.eval_every,
         track_stats=True,
     )
-    print(
-        f"method {method}, lr {cfg.lr or DEFAULT_LR[method]}, {args.steps} steps of {args.batch}x{args.block} tokens"
-        f"{', torch.compile(fullgraph=True)' if cfg.compile else ''}"
-    )
-    result = train(cfg, corpus, progress=not args.quiet)
-    setup = result.pop("_setup")
-    model = setup.model
-    if result["diverged"]:
-        print("training diverged (non-finite loss); lower --lr")
-    print(
-        f"validation loss {result['val_loss']:.4f} nats/byte ({result['val_loss'] / math.log(2):.3f} bits/byte), "
-        f"{result['tokens_per_second']:,.0f} tokens/s"
-    )
 
-    # Export, then load into a fresh plain model that never saw mdparam.
+
+def export_and_reload(
+    model: GPT, method: str, corpus: Corpus, args: argparse.Namespace, out: Path
+) -> tuple[GPT, dict]:
+    """Export, then load into a fresh plain GPT that never saw mdparam and compare logits.
+
+    Returns the plain model and the export's record for the summary.
+    """
     ckpt = out / "model.safetensors"
     if method not in MD_METHODS:  # a baseline: nothing to fuse
         safetensors.torch.save_file(model.state_dict(), ckpt)
@@ -203,8 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"exported {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB); fresh plain GPT loaded it with strict=True; "
         f"logits {'agree' if agree else 'DISAGREE'}: max abs diff {max_abs:.2e}, relative {rel:.2e}"
     )
+    export = {
+        "path": str(ckpt),
+        "strict_load": True,
+        "max_abs_logit_diff": max_abs,
+        "max_rel_logit_diff": rel,
+        "agree": agree,
+    }
+    return plain, export
 
-    # A few lines from the plain model.
+
+def sample_text(plain: GPT, args: argparse.Namespace) -> str:
+    """A few lines from the plain model, printed; the whole sample returned."""
     torch.manual_seed(args.seed)
     prompt = torch.tensor([list(b"def ")], dtype=torch.long)
     sample = bytes(plain.generate(prompt, args.sample_bytes, temperature=0.8, top_k=40)[0].tolist())
@@ -212,12 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("--- sample from the plain model ---")
     print("\n".join(text.splitlines()[:8]))
     print("-----------------------------------")
+    return text
 
-    title = (
-        f"{method}, width {args.width}, depth {args.depth}: val {result['val_loss']:.3f} nats/byte"
-    )
-    plot(result, out / "loss.png", title)
-    summary = {
+
+def summarize(method: str, result: dict, corpus: Corpus, export: dict, text: str) -> dict:
+    """summary.json: the run, its corpus, its losses, the export check and the sample."""
+    return {
         "method": method,
         "config": result["config"],
         "lr": result["lr"],
@@ -234,13 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         "diverged": result["diverged"],
         "seconds": result["seconds"],
         "tokens_per_second": result["tokens_per_second"],
-        "export": {
-            "path": str(ckpt),
-            "strict_load": True,
-            "max_abs_logit_diff": max_abs,
-            "max_rel_logit_diff": rel,
-            "agree": agree,
-        },
+        "export": export,
         "registered": result["registered"],
         "evals": result["evals"],
         "stats_last": result["stats"][-1][1] if result["stats"] else None,
@@ -248,6 +238,39 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "mdparam": mdparam.__version__,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = method_of(args)
+    corpus = load_corpus(args.text)
+    print(
+        f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.val):,} val bytes, "
+        f"sha256 {corpus.sha256[:16]}"
+    )
+    cfg = run_config(args, method)
+    print(
+        f"method {method}, lr {cfg.lr or DEFAULT_LR[method]}, {args.steps} steps of {args.batch}x{args.block} tokens"
+        f"{', torch.compile(fullgraph=True)' if cfg.compile else ''}"
+    )
+    result = train(cfg, corpus, progress=not args.quiet)
+    setup = result.pop("_setup")
+    model = setup.model
+    if result["diverged"]:
+        print("training diverged (non-finite loss); lower --lr")
+    print(
+        f"validation loss {result['val_loss']:.4f} nats/byte ({result['val_loss'] / math.log(2):.3f} bits/byte), "
+        f"{result['tokens_per_second']:,.0f} tokens/s"
+    )
+    plain, export = export_and_reload(model, method, corpus, args, out)
+    text = sample_text(plain, args)
+    title = (
+        f"{method}, width {args.width}, depth {args.depth}: val {result['val_loss']:.3f} nats/byte"
+    )
+    plot(result, out / "loss.png", title)
+    summary = summarize(method, result, corpus, export, text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out / 'loss.png'} and {out / 'summary.json'}")
     return summary
