@@ -1,7 +1,7 @@
 """One knob at a time away from the MD recipe, 3 seeds per row: what each default is worth.
 
-    ./run python benchmarks/ablation.py              # every row (resumes)
-    ./run python benchmarks/ablation.py --report     # table and plot only
+    ./run python -m benchmarks.ablation              # every row (resumes)
+    ./run python -m benchmarks.ablation --report     # table and plot only
 
 The recipe is mdparam.recipe's defaults as examples/methods.py uses them
 (RECIPE below: the paper's start, gain LR 1e-3, residual output projections
@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-
-from examples.methods import RunConfig, base_optimizer  # noqa: E402
-from runs import RESULTS, load, resume, run_rounds, save, score  # noqa: E402
+from benchmarks.readme import insert_if_committed
+from benchmarks.runs import RESULTS, load, resume, run_rounds, save, score
+from examples.methods import RunConfig, base_optimizer
 
 METHODS = ("md-muon", "md-adamw", "md-adamw-relative")
 BASELINES = {"muon": 0.0283, "adamw": 0.002}  # their best LRs at width 128 (reproduce.json)
@@ -182,11 +180,9 @@ def report(data: dict, out_dir: Path) -> str:
         + ". Baselines at their best LRs: "
         + "; ".join(base_cells)
         + f". Width 128, depth 2, 500 steps of 8x128 bytes, eager. {len(data['runs'])} runs, "
-        f"{hours:.1f} h of wall time. Command: `./run python benchmarks/ablation.py`.\n"
+        f"{hours:.1f} h of wall time. Command: `./run python -m benchmarks.ablation`.\n"
     )
     (out_dir / "ablation.md").write_text(text)
-    from readme import insert_if_committed
-
     insert_if_committed("ablation", text, out_dir)
     plot(s, out_dir / "ablation.png")
     return text

@@ -1,6 +1,6 @@
 """Converter throughput and memory on a >= 1 GB training checkpoint.
 
-    ./run python benchmarks/export_speed.py [--gb 1.0] [--repeats 9]
+    ./run python -m benchmarks.export_speed [--gb 1.0] [--repeats 9]
 
 Writes a training checkpoint (a stack of registered 4096x4096 Linear layers,
 fp32), then times, interleaved, a plain file copy of it (``cp`` then ``sync`` of
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import mdparam
+from benchmarks.readme import insert_if_committed
 
-import mdparam  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_child(cmd: list[str], capture: bool = False) -> tuple[float, int] | tuple[float, int, str]:
@@ -51,32 +51,33 @@ def run_child(cmd: list[str], capture: bool = False) -> tuple[float, int] | tupl
         return (elapsed, rss, proc.stdout) if capture else (elapsed, rss)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--gb", type=float, default=1.0)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
-    tensor_bytes = args.width * args.width * 4
-    layers = max(1, round(args.gb * 1e9 / tensor_bytes))
-    work = Path(tempfile.mkdtemp(prefix="mdparam-export-bench-"))
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            *(torch.nn.Linear(args.width, args.width, bias=False) for _ in range(layers))
-        )
-        mdparam.register(model)
-        src = work / "train.safetensors"
-        mdparam.save_training(model, src)
-        del model
-        size = src.stat().st_size
-        py = sys.executable
-        baseline_rss = run_child([py, "-c", "import torch, mdparam, export"])[1]
+    return p.parse_args()
+
+
+def write_checkpoint(path: Path, width: int, layers: int) -> int:
+    """A training checkpoint of ``layers`` registered ``width``-square Linears; its bytes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(layers)))
+    mdparam.register(model)
+    mdparam.save_training(model, path)
+    del model
+    return path.stat().st_size
+
+
+def commands(src: Path, work: Path) -> dict[str, list[str]]:
+    """The three timed commands on ``src``: cp + sync, the converter, a user-space copy."""
+    py = sys.executable
+    return {
         # cp, then fsync as the converter does (its file must survive a crash).
-        copy_cmd = ["sh", "-c", f"cp {src} {work / 'copy.bin'} && sync {work / 'copy.bin'}"]
+        "copy": ["sh", "-c", f"cp {src} {work / 'copy.bin'} && sync {work / 'copy.bin'}"],
         # The converter's own entry point, timed inside too (without interpreter start and imports).
-        conv_cmd = [
+        "convert": [
             py,
             "-c",
             "import sys, time; t = time.perf_counter(); from export.convert import main; "
@@ -85,9 +86,9 @@ def main() -> None:
             str(work / "plain.safetensors"),
             "--force",
             "--quiet",
-        ]
+        ],
         # A user-space copy (read into a buffer, write, fsync): the I/O path the converter takes.
-        ucopy_cmd = [
+        "user_copy": [
             py,
             "-c",
             "import os, sys; src = open(sys.argv[1], 'rb'); buf = memoryview(bytearray(64 << 20)); "
@@ -96,72 +97,103 @@ def main() -> None:
             "os.fsync(fd)",
             str(src),
             str(work / "ucopy.bin"),
-        ]
-        copies, ucopies, convs, inner, rss = [], [], [], [], []
-        run_child(copy_cmd)  # warm the page cache for both
-        for _ in range(args.repeats):
-            copies.append(run_child(copy_cmd)[0])
-            ucopies.append(run_child(ucopy_cmd)[0])
-            t, r, out = run_child(conv_cmd, capture=True)
-            convs.append(t)
-            inner.append(float(out.split()[-1]))
-            rss.append(r)
-        copy_s, conv_s, inner_s = (
-            statistics.median(copies),
-            statistics.median(convs),
-            statistics.median(inner),
-        )
-        ucopy_s = statistics.median(ucopies)
-        result = {
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "platform": platform.platform(),
-                "torch": torch.__version__,
-            },
-            "checkpoint_bytes": size,
-            "largest_tensor_bytes": tensor_bytes,
-            "layers": layers,
-            "repeats": args.repeats,
-            "copy_seconds": copies,
-            "convert_seconds": convs,
-            "copy_MBps_median": size / copy_s / 1e6,
-            "user_copy_seconds": ucopies,
-            "user_copy_MBps_median": size / ucopy_s / 1e6,
-            "throughput_ratio_convert_over_user_copy": ucopy_s / conv_s,
-            "convert_MBps_median": size / conv_s / 1e6,
-            "throughput_ratio_convert_over_copy": copy_s / conv_s,
-            "convert_inner_seconds": inner,
-            "convert_inner_MBps_median": size / inner_s / 1e6,
-            "throughput_ratio_inner_convert_over_copy": copy_s / inner_s,
-            "convert_peak_rss_bytes": max(rss),
-            "import_only_rss_bytes": baseline_rss,
-            "rss_budget_bytes": 2 * tensor_bytes + 300 * 2**20,
-        }
+        ],
+    }
+
+
+def time_commands(cmds: dict[str, list[str]], repeats: int) -> dict[str, list[float]]:
+    """Every command ``repeats`` times, interleaved, page cache warm: seconds and peak RSS."""
+    copies, ucopies, convs, inner, rss = [], [], [], [], []
+    run_child(cmds["copy"])  # warm the page cache for both
+    for _ in range(repeats):
+        copies.append(run_child(cmds["copy"])[0])
+        ucopies.append(run_child(cmds["user_copy"])[0])
+        t, r, out = run_child(cmds["convert"], capture=True)
+        convs.append(t)
+        inner.append(float(out.split()[-1]))
+        rss.append(r)
+    return {"copy": copies, "user_copy": ucopies, "convert": convs, "inner": inner, "rss": rss}
+
+
+def summarize(
+    args: argparse.Namespace, size: int, layers: int, times: dict, baseline_rss: int
+) -> dict:
+    """export.json: the machine, the checkpoint, every timing and the medians' throughputs."""
+    tensor_bytes = args.width * args.width * 4
+    copies, ucopies, convs, inner = (times[k] for k in ("copy", "user_copy", "convert", "inner"))
+    copy_s, conv_s, inner_s = (
+        statistics.median(copies),
+        statistics.median(convs),
+        statistics.median(inner),
+    )
+    ucopy_s = statistics.median(ucopies)
+    return {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "checkpoint_bytes": size,
+        "largest_tensor_bytes": tensor_bytes,
+        "layers": layers,
+        "repeats": args.repeats,
+        "copy_seconds": copies,
+        "convert_seconds": convs,
+        "copy_MBps_median": size / copy_s / 1e6,
+        "user_copy_seconds": ucopies,
+        "user_copy_MBps_median": size / ucopy_s / 1e6,
+        "throughput_ratio_convert_over_user_copy": ucopy_s / conv_s,
+        "convert_MBps_median": size / conv_s / 1e6,
+        "throughput_ratio_convert_over_copy": copy_s / conv_s,
+        "convert_inner_seconds": inner,
+        "convert_inner_MBps_median": size / inner_s / 1e6,
+        "throughput_ratio_inner_convert_over_copy": copy_s / inner_s,
+        "convert_peak_rss_bytes": max(times["rss"]),
+        "import_only_rss_bytes": baseline_rss,
+        "rss_budget_bytes": 2 * tensor_bytes + 300 * 2**20,
+    }
+
+
+def render(result: dict, width: int) -> str:
+    """The Markdown table of export.md and docs/guides/export.md."""
+    size, layers = result["checkpoint_bytes"], result["layers"]
+    peak, baseline_rss = result["convert_peak_rss_bytes"], result["import_only_rss_bytes"]
+    mb = 2**20
+    return (
+        "| checkpoint | cp + sync | user-space copy + fsync | converter command | vs cp | vs user-space copy | converter without interpreter start | vs cp | converter peak RSS | budget (2x largest tensor + 300 MB) | RSS of `import torch, mdparam, export` alone |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"| {size / 1e9:.2f} GB, {layers} x {width}^2 fp32 | {result['copy_MBps_median']:.0f} MB/s "
+        f"| {result['user_copy_MBps_median']:.0f} MB/s "
+        f"| {result['convert_MBps_median']:.0f} MB/s | {result['throughput_ratio_convert_over_copy']:.2f} "
+        f"| {result['throughput_ratio_convert_over_user_copy']:.2f} "
+        f"| {result['convert_inner_MBps_median']:.0f} MB/s | {result['throughput_ratio_inner_convert_over_copy']:.2f} "
+        f"| {peak / mb:.0f} MiB | {result['rss_budget_bytes'] / mb:.0f} MiB | {baseline_rss / mb:.0f} MiB |\n"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    tensor_bytes = args.width * args.width * 4
+    layers = max(1, round(args.gb * 1e9 / tensor_bytes))
+    work = Path(tempfile.mkdtemp(prefix="mdparam-export-bench-"))
+    try:
+        src = work / "train.safetensors"
+        size = write_checkpoint(src, args.width, layers)
+        baseline_rss = run_child([sys.executable, "-c", "import torch, mdparam, export"])[1]
+        times = time_commands(commands(src, work), args.repeats)
+        result = summarize(args, size, layers, times, baseline_rss)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
-    mb = 2**20
-    table = (
-        "| checkpoint | cp + sync | user-space copy + fsync | converter command | vs cp | vs user-space copy | converter without interpreter start | vs cp | converter peak RSS | budget (2x largest tensor + 300 MB) | RSS of `import torch, mdparam, export` alone |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-        f"| {size / 1e9:.2f} GB, {layers} x {args.width}^2 fp32 | {result['copy_MBps_median']:.0f} MB/s "
-        f"| {result['user_copy_MBps_median']:.0f} MB/s "
-        f"| {result['convert_MBps_median']:.0f} MB/s | {result['throughput_ratio_convert_over_copy']:.2f} "
-        f"| {result['throughput_ratio_convert_over_user_copy']:.2f} "
-        f"| {result['convert_inner_MBps_median']:.0f} MB/s | {result['throughput_ratio_inner_convert_over_copy']:.2f} "
-        f"| {max(rss) / mb:.0f} MiB | {result['rss_budget_bytes'] / mb:.0f} MiB | {baseline_rss / mb:.0f} MiB |\n"
-    )
+    table = render(result, args.width)
     (out / "export.md").write_text(
-        "Converter benchmark (`./run python benchmarks/export_speed.py`): `python -m export` as a "
+        "Converter benchmark (`./run python -m benchmarks.export_speed`): `python -m export` as a "
         "fresh process (startup included) against `cp` + `sync` of the same file (an in-kernel copy) and a user-space copy "
         "(Python read/write + fsync, each a fresh process), page cache warm, "
         f"{args.repeats} interleaved repeats, medians.\n\n" + table
     )
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from readme import insert_if_committed
-
     insert_if_committed("export", table, out)
     print(table)
 

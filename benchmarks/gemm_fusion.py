@@ -1,6 +1,6 @@
 """Would scaling inside the matmul beat forming W? Measured on the CPU.
 
-    ./run python benchmarks/gemm_fusion.py [--processes 3] [--repeats 20]
+    ./run python -m benchmarks.gemm_fusion [--processes 3] [--repeats 20]
 
 MD's extra time in a compiled step is forming W = phi(r) * D * phi(c) and its
 gradients (benchmarks/results/profile.md). The way around it is never to form
@@ -46,13 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import mdparam  # noqa: E402
-from readme import insert_if_committed  # noqa: E402
-from workloads import (  # noqa: E402
+import mdparam
+from benchmarks.readme import insert_if_committed
+from benchmarks.workloads import (
+    ROOT,
     _factored_forward,
     build_factored,
     build_pair,
@@ -179,17 +176,17 @@ def _autotune_log(stderr: str) -> dict[str, dict[str, float]]:
     return found
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--processes", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    if args.child:
-        print(json.dumps(child(args)))
-        return
+    return p.parse_args()
+
+
+def run_processes(args: argparse.Namespace) -> list[dict]:
+    """``args.processes`` fresh child processes, each with cold caches; their results."""
     runs = []
     for i in range(args.processes):
         with tempfile.TemporaryDirectory() as cache:  # cold caches: autotuning really runs
@@ -199,8 +196,16 @@ def main() -> None:
                 "TORCHINDUCTOR_CACHE_DIR": cache,
             }
             out = subprocess.run(
-                [sys.executable, __file__, "--child", "--repeats", str(args.repeats)],
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.gemm_fusion",
+                    "--child",
+                    "--repeats",
+                    str(args.repeats),
+                ],
                 env=env,
+                cwd=ROOT,
                 capture_output=True,
                 text=True,
             )
@@ -210,7 +215,12 @@ def main() -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         runs[-1]["autotune"] = _autotune_log(out.stderr)
         print(f"process {i}: " + str({k: round(v, 3) for k, v in runs[-1]["ratios"].items()}))
-    result = {
+    return runs
+
+
+def combine(args: argparse.Namespace, runs: list[dict]) -> dict:
+    """gemm_fusion.json: the machine, the workload, the medians over processes."""
+    return {
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
@@ -230,9 +240,10 @@ def main() -> None:
         "kernels": [r["kernels"] for r in runs],
         "autotune_ms": [r["autotune"] for r in runs],
     }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gemm_fusion.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _rows(result: dict, runs: list[dict]) -> list[str]:
+    """The table's header and one row per variant of ``LABELS``."""
     rows = [
         "| compiled, MD / plain nn.Linear | ratio (median of processes) | per process "
         "| aten matmuls in the graphs / CPU GEMM template used |",
@@ -253,6 +264,11 @@ def main() -> None:
         )
         ratio = "-" if result["ratio"][k] is None else f"{result['ratio'][k]:.3f}x"
         rows.append(f"| {label} | {ratio} | {per} | {counts or '-'} |")
+    return rows
+
+
+def render(args: argparse.Namespace, result: dict, runs: list[dict]) -> str:
+    """The table of docs/performance.md: the rows, the autotuner's picks, failures, footer."""
     errors = sorted(
         {kern["error"] for r in runs for kern in r["kernels"].values() if "error" in kern}
     )
@@ -261,8 +277,8 @@ def main() -> None:
         f"CPU GEMM template {min((v for c, v in t.items() if c.startswith('cpp')), default=float('nan')):.1f} ms"
         for op, t in runs[0]["autotune"].items()
     ]
-    table = (
-        "\n".join(rows)
+    return (
+        "\n".join(_rows(result, runs))
         + (
             "\n\nWhat the autotuner timed for the bmm variant (first process): "
             + "; ".join(tuned)
@@ -274,9 +290,23 @@ def main() -> None:
         + (
             f"\n\n{result['workload']}; {args.processes} fresh processes x {args.repeats} "
             f"interleaved repeats; torch {torch.__version__}. "
-            "Command: `./run python benchmarks/gemm_fusion.py`."
+            "Command: `./run python -m benchmarks.gemm_fusion`."
         )
     )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    runs = run_processes(args)
+    result = combine(args, runs)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gemm_fusion.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = render(args, result, runs)
     insert_if_committed("gemm_fusion", table, out_dir)
     print(table)
 

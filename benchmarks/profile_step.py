@@ -1,6 +1,6 @@
 """Where MD's extra step time goes: torch.profiler on plain and MD steps of the benchmark GPT.
 
-    ./run python benchmarks/profile_step.py            # eager and compiled
+    ./run python -m benchmarks.profile_step            # eager and compiled
 
 For each mode, profiles a few steps of each side and lists the operators whose
 self CPU time per step grew most from plain to MD (benchmarks/results/profile.md).
@@ -9,15 +9,12 @@ self CPU time per step grew most from plain to MD (benchmarks/results/profile.md
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from workloads import ROOT, build_pair
+from benchmarks.workloads import ROOT, build_pair
 
 
 def per_step_self_ms(step, steps: int) -> tuple[dict[str, float], float]:
@@ -39,7 +36,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile.md"))
     args = p.parse_args()
     lines = [
-        "Self CPU time per step by operator, MD minus plain (`./run python benchmarks/profile_step.py`, "
+        "Self CPU time per step by operator, MD minus plain (`./run python -m benchmarks.profile_step`, "
         f"torch.profiler, {args.steps} steps each after 2 warm-up steps, the benchmark GPT, 8x128 tokens, "
         f"torch {torch.__version__}).",
         "",

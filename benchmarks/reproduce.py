@@ -1,8 +1,8 @@
 """Reproduce the paper's claims at CPU scale: each method tuned on the same LR grid, three widths.
 
-    ./run python benchmarks/reproduce.py                         # the full sweep (resumes)
-    ./run python benchmarks/reproduce.py --methods md-adamw --widths 64
-    ./run python benchmarks/reproduce.py --report                # tables and plots only
+    ./run python -m benchmarks.reproduce                         # the full sweep (resumes)
+    ./run python -m benchmarks.reproduce --methods md-adamw --widths 64
+    ./run python -m benchmarks.reproduce --report                # tables and plots only
 
 Every method (examples/methods.py says what each is) is trained at each
 width on a learning-rate grid with a factor sqrt(2) between points, starting
@@ -24,14 +24,12 @@ import argparse
 import math
 import os
 import statistics
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-
-from examples.methods import METHODS, RunConfig, base_optimizer, other_lr_of  # noqa: E402
-from runs import RESULTS, ROOT, load, resume, run_rounds, score  # noqa: E402
+from benchmarks.readme import insert_if_committed
+from benchmarks.runs import RESULTS, load, resume, run_rounds, score
+from examples.methods import METHODS, RunConfig, base_optimizer, other_lr_of
 
 CENTER = {  # middle of the first grid; the grid then follows the results
     "adamw": 2e-3,
@@ -327,7 +325,7 @@ def report(data: dict, out_dir: Path) -> str:
         + f"\n\nValidation loss in nats per byte (mean ± half-range over {1 + max(0, min(r['n_seeds'] for r in s.values()) - 1)} seeds at the best LR; "
         f"LR in parentheses). Depth {st.get('depth')}, {st.get('steps')} steps of {st.get('batch')}x{st.get('block')} "
         f"tokens per run, LR grid factor sqrt(2), one drift step = a factor sqrt(2). {n} runs, "
-        f"{hours:.1f} h of wall time on this machine. Command: `./run python benchmarks/reproduce.py`.\n"
+        f"{hours:.1f} h of wall time on this machine. Command: `./run python -m benchmarks.reproduce`.\n"
     )
     gaps = gaps_table(s, widths)
     if gaps:
@@ -338,9 +336,6 @@ def report(data: dict, out_dir: Path) -> str:
     if horizon:
         text += "\nHorizon check (each method's best LR at width 128, run longer):\n\n" + horizon
     (out_dir / "reproduce.md").write_text(text)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from readme import insert_if_committed
-
     insert_if_committed("reproduce", text, out_dir)
     plot(data, s, out_dir)
     return text

@@ -1,7 +1,7 @@
 """How the eager retraction should group its work: per tensor, or chunks of whole tensors.
 
-    ./run python benchmarks/retraction_chunks.py [--processes 3] [--report]
-    OMP_WAIT_POLICY=ACTIVE ./run python benchmarks/retraction_chunks.py --tag omp_active
+    ./run python -m benchmarks.retraction_chunks [--processes 3] [--report]
+    OMP_WAIT_POLICY=ACTIVE ./run python -m benchmarks.retraction_chunks --tag omp_active
 
 For a few model shapes (the shape matrix's GPT, eager AdamW steps), each in fresh
 processes, times the retraction's tensor work (with its norm check) against a copy of
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+ROOT = HERE.parent
 RESULTS = HERE / "results"
 SHAPES = {"w256 d4": (256, 4), "w512 d4": (512, 4), "w1024 d4": (1024, 4), "w512 d8": (512, 8)}
 CHUNKS = {"per tensor": "loop", "2 MiB": 2 << 20, "8 MiB": 8 << 20, "32 MiB": 32 << 20}
@@ -34,8 +34,8 @@ def variants(retraction) -> dict:
     """The copy (the bound) and one function per way of grouping the retraction."""
     import torch
 
+    from benchmarks.workloads import copier
     from mdparam.retraction import RetractionGroups, retract_, retract_grouped_
-    from workloads import copier
 
     r = retraction
     dirs, radii = [d.detach() for d in r.directions], r.radii()
@@ -58,8 +58,8 @@ def variants(retraction) -> dict:
 
 def child(shape: str, repeats: int) -> dict:
     """One process: every variant alone, then right after eager training steps."""
+    from benchmarks.workloads import build_pair, timed
     from examples.gpt import GPTConfig
-    from workloads import build_pair, timed
 
     width, depth = SHAPES[shape]
     gpt = GPTConfig(256, 256, depth, width // 64, width)
@@ -106,7 +106,7 @@ def render(data: dict) -> str:
         f"Retraction / copy of the same tensors: the median over {data['processes']} fresh "
         "processes (their range in parentheses) of the ratio of medians; eager AdamW steps, "
         "vocab 256, 4x256 tokens. Command: "
-        f"`{_env_prefix(data)}./run python benchmarks/retraction_chunks.py`.",
+        f"`{_env_prefix(data)}./run python -m benchmarks.retraction_chunks`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -142,8 +142,9 @@ def main() -> None:
             s for _ in range(args.processes) for s in args.shapes
         ]  # every shape once, then again
         for shape in tqdm(todo, desc="processes", unit="process"):
-            cmd = [sys.executable, __file__, "--child", shape, "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            cmd = [sys.executable, "-m", "benchmarks.retraction_chunks", "--child", shape]
+            cmd += ["--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
             data["shapes"][shape].append(json.loads(out.strip().splitlines()[-1]))
             path.write_text(json.dumps(data, indent=1) + "\n")
     text = render(data)

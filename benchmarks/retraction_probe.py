@@ -1,7 +1,7 @@
 """The eager retraction's slow mode: which part of it slows down, and when.
 
-    ./run python benchmarks/retraction_probe.py [--processes 3] [--depth 2]
-    OMP_NUM_THREADS=1 ./run python benchmarks/retraction_probe.py
+    ./run python -m benchmarks.retraction_probe [--processes 3] [--depth 2]
+    OMP_NUM_THREADS=1 ./run python -m benchmarks.retraction_probe
 
 Builds the shape matrix's GPT (width 512, vocab 256, 8x128 tokens, compiled) in fresh
 processes and, after every two compiled training steps, times interleaved (medians of
@@ -23,14 +23,11 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+import torch
 
-import torch  # noqa: E402
-
-from mdparam.retraction import retract_  # noqa: E402
-from workloads import BENCH_GPT, build_pair, copier  # noqa: E402
+from benchmarks.workloads import BENCH_GPT, ROOT, build_pair, copier
+from mdparam.retraction import retract_
 
 
 def operations(r, dirs: list[torch.Tensor]) -> dict:
@@ -95,10 +92,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.depth, args.rounds)))
         return
-    cmd = [sys.executable, __file__, "--child", "--depth", str(args.depth)]
-    cmd += ["--rounds", str(args.rounds)]
+    cmd = [sys.executable, "-m", "benchmarks.retraction_probe", "--child"]
+    cmd += ["--depth", str(args.depth), "--rounds", str(args.rounds)]
     for proc in range(args.processes):
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         for i, res in enumerate(json.loads(done.stdout.strip().splitlines()[-1])):
             slow = res["norm>mul"]["ms"] > 2 * res["mul"]["ms"]
             cells = " | ".join(f"{k} {v['ms']:.2f} ms/{v['faults']}f" for k, v in res.items())

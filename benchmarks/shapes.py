@@ -1,9 +1,9 @@
 """What MD costs per step at every model shape: the shape matrix.
 
-    ./run python benchmarks/shapes.py                  # every point (resumes), then the report
-    ./run python benchmarks/shapes.py --report         # table and heatmap from the JSON
-    ./run python benchmarks/shapes.py --points w256 t128 --repeats 6
-    ./run python benchmarks/shapes.py --retraction-only  # re-time only the retraction
+    ./run python -m benchmarks.shapes                  # every point (resumes), then the report
+    ./run python -m benchmarks.shapes --report         # table and heatmap from the JSON
+    ./run python -m benchmarks.shapes --points w256 t128 --repeats 6
+    ./run python -m benchmarks.shapes --retraction-only  # re-time only the retraction
 
 Points vary one axis at a time around a centre (the benchmark GPT of the speed
 suite: width 512, depth 4, vocab 256, 1024 tokens per call, fp32): width
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+ROOT = HERE.parent
 
 RESULTS = HERE / "results"
 CENTRE = {
@@ -88,7 +88,7 @@ def pair_args(cfg: dict) -> tuple:
 def measure_point(cfg: dict, repeats: int) -> dict:
     from torch._dynamo.utils import counters
 
-    from workloads import build_pair, interleaved, timed
+    from benchmarks.workloads import build_pair, interleaved, timed
 
     gpt, kw, register = pair_args(cfg)
     out: dict = {}
@@ -118,7 +118,7 @@ def measure_point(cfg: dict, repeats: int) -> dict:
 
 def measure_retraction(cfg: dict, repeats: int) -> dict:
     """Only the retraction columns of a point (after the retraction's code changed)."""
-    from workloads import build_pair
+    from benchmarks.workloads import build_pair
 
     gpt, kw, register = pair_args(cfg)
     _, md = build_pair(gpt, compiled=True, register={**register, "forward": "auto"}, **kw)
@@ -129,7 +129,7 @@ def measure_retraction(cfg: dict, repeats: int) -> dict:
 
 def retraction_in_loop(md, repeats: int) -> dict:
     """The retraction and a copy of the directions, alone and right after training steps."""
-    from workloads import copier
+    from benchmarks.workloads import copier
 
     retraction = md.retraction
     dirs = retraction.directions
@@ -178,9 +178,9 @@ def recompiles_with_changing_lr(md, steps: int = 6) -> int:
 def run_point(name: str, repeats: int, retraction_only: bool = False) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # cold compiles
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    cmd = [sys.executable, __file__, "--child", name, "--repeats", str(repeats)]
+    cmd = [sys.executable, "-m", "benchmarks.shapes", "--child", name, "--repeats", str(repeats)]
     cmd += ["--retraction-only"] if retraction_only else []
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"point {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -235,7 +235,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "shapes.json"
     data = json.loads(path.read_text()) if args.report else measure(args, path)
-    from shapes_report import write_report
+    from benchmarks.shapes_report import write_report
 
     print(write_report(data, out))
 

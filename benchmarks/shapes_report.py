@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from readme import insert_if_committed
+from benchmarks.readme import insert_if_committed
 
 # (column, path into one process's result, target or None, below-1024-tokens target)
 COLUMNS = [
@@ -73,7 +73,7 @@ def render(data: dict) -> str:
         f"fresh processes ({repeated} of {len(points)} points run in more than one; their range "
         "in parentheses) of the ratio of medians of interleaved "
         "steps; ✓/✗ against the issue's target (1.03x compiled at >= 1024 tokens per call, "
-        "1.10x below). Command: `./run python benchmarks/shapes.py`.",
+        "1.10x below). Command: `./run python -m benchmarks.shapes`.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -27,10 +27,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from readme import RESULTS
-from speed_measure import (
+from benchmarks.readme import RESULTS
+from benchmarks.speed_measure import (
     ALLOCATOR_INDEPENDENT,
     ALLOCATORS,
     CHILD_ONLY,
@@ -41,7 +39,7 @@ from speed_measure import (
     run_section,
     workload_info,
 )
-from speed_report import write_report
+from benchmarks.speed_report import write_report
 
 
 def parser() -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 Every section is a function of the parsed command line that returns a JSON-able
 dict. Sections in ``SECTIONS`` are what ``--sections`` chooses from; the ones in
 ``CHILD_ONLY`` are the single-process measurements those start through
-:data:`CHILDREN` (``speed.py --child --section NAME``), so each variant gets a
-fresh process: its own compile caches and its own peak memory.
+:data:`CHILDREN` (``python -m benchmarks.speed --child --section NAME``, in the
+repository root), so each variant gets a fresh process: its own compile caches
+and its own peak memory.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 import mdparam
-from workloads import (
+from benchmarks.workloads import (
     BENCH_GPT,
     ROOT,
     build_factored,
@@ -39,7 +39,7 @@ from workloads import (
     timed,
 )
 
-COMMAND = Path(__file__).resolve().with_name("speed.py")  # what the children run
+COMMAND = "benchmarks.speed"  # the module the children run (python -m, from the root)
 GLIBC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 ALLOCATORS = {"default": {}, "tuned": {"GLIBC_TUNABLES": GLIBC_TUNED}}  # environment of each
 ALLOCATOR_INDEPENDENT = ("compile", "recompiles")  # the allocator does not change what is compiled
@@ -52,7 +52,7 @@ OPAQUE = {"MDPARAM_BENCH_FUSE": "opaque"}  # workloads.py registers with fuse="o
 
 @dataclass
 class Children:
-    """How sections start their child processes: ``speed.py --child`` with these extras."""
+    """How sections start their child processes: ``benchmarks.speed --child`` with these extras."""
 
     env: dict[str, str] = field(default_factory=dict)  # the allocator of the current pass
     flags: list[str] = field(default_factory=list)  # the options every child gets
@@ -68,7 +68,7 @@ class Children:
                     TORCHINDUCTOR_AUTOGRAD_CACHE="0",
                 )
             out = subprocess.run(
-                [sys.executable, str(COMMAND), "--child", *extra, *self.flags],
+                [sys.executable, "-m", COMMAND, "--child", *extra, *self.flags],
                 env=env,
                 cwd=ROOT,
                 capture_output=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from readme import insert_if_committed
+from benchmarks.readme import insert_if_committed
 
 # The issues' targets for MD / plain ratios, by their place in the results: one
 # definition for the README table and the plot.

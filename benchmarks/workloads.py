@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import mdparam
+from examples.gpt import GPT, GPTConfig
 
-import mdparam  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # The benchmark GPT: 6 layers, d=512, untied head; 27.3M parameters.
 BENCH_GPT = GPTConfig(
@@ -161,15 +159,9 @@ def factored_parts(
     layer: torch.nn.Linear,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(D, phi(r), phi(c)) of a registered Linear with row and column gains."""
-    from mdparam.maps import apply_gain_map
-
     plist = layer.parametrizations.weight
-    gain_map = plist[0].config.gain_map
-    return (
-        plist.original0,
-        apply_gain_map(plist.original1, gain_map),
-        apply_gain_map(plist.original2, gain_map),
-    )
+    phi = plist[0].config.geometry.gain_map
+    return (plist.original0, phi(plist.original1), phi(plist.original2))
 
 
 def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

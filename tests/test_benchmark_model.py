@@ -1,17 +1,13 @@
 """The speed benchmark's GPT under torch.compile: no graph breaks, no recompiles."""
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from workloads import BENCH_GPT, build_pair
+from benchmarks.workloads import BENCH_GPT, build_pair
 
 
 @pytest.mark.slow

@@ -1,14 +1,8 @@
 """benchmarks/readme.py: the README tables come from the last committed benchmark run."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import readme  # noqa: E402
+from benchmarks import readme
 
 PAGE = "a\n<!-- begin:x -->\nold\n<!-- end:x -->\nb\n<!-- begin:y -->\nkeep\n<!-- end:y -->\n"
 

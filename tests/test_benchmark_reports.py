@@ -1,12 +1,6 @@
 """The shape matrix's report marks every cell against the issue's targets (synthetic results)."""
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import shapes_report  # noqa: E402
+from benchmarks import shapes_report
 
 
 def result(point, tokens, compiled, eager=1.01, recompiles=0):
