@@ -35,13 +35,8 @@ from .checkpoint_format import (
 )
 from .distributed import any_rank, is_sharded
 from .fused_weights import refresh_kept
-from .safetensors_io import (
-    CheckpointReader,
-    atomic_path,
-    pack_shards,
-    write_file,
-    write_sharded,
-)
+from .safetensors_read import CheckpointReader
+from .safetensors_write import atomic_path, pack_shards, write_file, write_sharded
 from .tree import clean_key, full_tensor, original_name, originals, registered, unwrap
 
 __all__ = [

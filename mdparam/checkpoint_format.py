@@ -86,7 +86,9 @@ def training_metadata(
 
 def plain_metadata(fused: Iterable[str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     meta = _base(extra, "plain")
-    meta[FUSED] = json.dumps(list(fused))
+    # sorted: one header whatever order the tensors were read in (safetensors < 0.5.3
+    # lists a file's tensors by name, not in file order)
+    meta[FUSED] = json.dumps(sorted(fused))
     return meta
 
 

@@ -8,8 +8,9 @@ fuses each parametrized tensor with the library's own formula
 (:func:`mdparam.fuse`) and writes a plain safetensors checkpoint with the
 same header as ``mdparam.save_plain``. The model's class is never imported
 or built: the header says how each tensor is parametrized. Peak memory is
-about one tensor: each is read with plain file reads, fused in place,
-written, and dropped.
+about one tensor (with safetensors >= 0.8): each is read on its own through
+``safetensors.safe_open`` (see :mod:`mdparam.safetensors_read`), fused in
+place, written, and dropped.
 """
 
 from __future__ import annotations
@@ -31,14 +32,8 @@ from .checkpoint_format import (
     plain_metadata,
     plain_plan,
 )
-from .safetensors_io import (
-    INDEX_NAME,
-    CheckpointReader,
-    SafetensorsFormatError,
-    atomic_path,
-    write_file,
-    write_sharded,
-)
+from .safetensors_read import CheckpointReader, SafetensorsFormatError
+from .safetensors_write import INDEX_NAME, atomic_path, write_file, write_sharded
 
 __all__ = ["DTYPES", "convert", "main", "refuse_input_as_output"]
 
@@ -175,27 +170,21 @@ def _producer(
     dtype: torch.dtype | None,
     advance: Callable[[int], object],
 ) -> Callable[[str], torch.Tensor]:
-    """``produce(name)`` for the writer: each output tensor, read and fused in a reused buffer.
+    """``produce(name)`` for the writer: each output tensor, read and fused in place.
 
-    Two buffers alternate: the writer holds at most one tensor while the next
-    is produced (see ``write_file``), so a buffer is free again when reused.
+    Every read is a tensor of its own (see ``CheckpointReader.get``), so the
+    direction read for a fused tensor becomes that tensor; it is dropped once
+    written (``write_file`` holds at most one while the next is produced).
     """
-    largest = max((e.nbytes for e in reader.entries.values()), default=0)
-    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
-    turn = iter(range(1 << 62))
 
     @torch.no_grad()
     def produce(name: str) -> torch.Tensor:
-        buf = buffers[next(turn) % 2]
         src = source[name]
         if isinstance(src, FusedSpec):
-            first = src.originals[0]
-            t = fuse_spec(
-                src, lambda k: reader.get(k, out=buf if k == first else None), inplace=True
-            )
+            t = fuse_spec(src, reader.get, inplace=True)
             advance(sum(reader.entries[k].nbytes for k in src.originals))
         else:
-            t = reader.get(src, out=buf)
+            t = reader.get(src)
             advance(reader.entries[src].nbytes)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 

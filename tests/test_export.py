@@ -24,8 +24,11 @@ import mdparam.convert
 from examples.gpt import GPT
 from export import convert
 from export.convert import main as export_main
-from mdparam.safetensors_io import (
-    read_header,
+from mdparam.safetensors_read import read_header
+from mdparam.safetensors_write import (
+    DTYPE_NAMES,
+    INDEX_NAME,
+    pack_shards,
     remove_stale_temporaries,
     write_file,
     write_sharded,
@@ -242,7 +245,7 @@ def test_a_killed_writer_leaves_the_previous_file_intact(tmp_path):
     script = textwrap.dedent(
         f"""
         import time, torch
-        from mdparam.safetensors_io import write_file
+        from mdparam.safetensors_write import write_file
         def produce(name):
             time.sleep(0.05)
             return torch.ones(1 << 20)
@@ -508,7 +511,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
-    from mdparam.safetensors_io import write_file, write_sharded
+    from mdparam.safetensors_write import write_file, write_sharded
     target, kind, ready, go = sys.argv[1:]
     def produce(name):  # t0 is handed to the writer thread, then t1 waits for "go"
         if name == "t1":
@@ -684,6 +687,74 @@ def test_only_unlocked_old_temporaries_of_that_path_are_removed(tmp_path):
         os.close(holder)  # the writer is gone
     assert remove_stale_temporaries(path) == [locked]
     assert remove_stale_temporaries(path, min_age=-7200) == [young]
+
+
+# --- what the hand-written writer produces, read by the safetensors library ------------
+
+SHAPES = [(), (0,), (3, 0), (5,), (2, 3, 4)]  # a scalar, zero-element tensors, the usual
+
+
+def sample(dtype, shape, seed):
+    """A tensor of ``dtype`` and ``shape`` with varied values (not all zero)."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 3).to(dtype)
+    return torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=g, dtype=dtype)
+
+
+def written_tensors():
+    """One tensor per (dtype the writer supports, shape), in a fixed order."""
+    return {
+        f"{DTYPE_NAMES[dtype]}.{i}": sample(dtype, shape, seed=7 * n + i)
+        for n, dtype in enumerate(DTYPE_NAMES)
+        for i, shape in enumerate(SHAPES)
+    }
+
+
+def assert_same(loaded, written):
+    """Same names, dtypes and shapes, and bit-equal values (torch.equal on the bytes:
+    float8 has no ==, and a NaN would not equal itself)."""
+    assert set(loaded) == set(written)
+    for name, t in written.items():
+        got = loaded[name]
+        assert (got.dtype, got.shape) == (t.dtype, t.shape), name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
+def specs_of(tensors):
+    return [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"run": "abc", "note": 'caf\u00e9 "quoted"'}])
+def test_every_file_the_writer_produces_loads_with_the_library(tmp_path, metadata):
+    tensors = written_tensors()
+    assert {t.dtype for t in tensors.values()} == set(DTYPE_NAMES)  # every supported dtype
+    path = tmp_path / "all.safetensors"
+    write_file(path, specs_of(tensors), tensors.__getitem__, metadata)
+    assert_same(safetensors.torch.load_file(path), tensors)
+    with safetensors.safe_open(path, framework="pt") as f:
+        assert (f.metadata() or {}) == (metadata or {})
+
+
+@pytest.mark.parametrize("metadata", [None, {"run": "abc"}])
+def test_every_sharded_checkpoint_the_writer_produces_loads_with_the_library(tmp_path, metadata):
+    tensors = written_tensors()
+    shards = pack_shards(specs_of(tensors), max_shard_bytes=64)
+    assert len(shards) >= 3
+    out = write_sharded(tmp_path / "ckpt", shards, tensors.__getitem__, metadata)
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["metadata"] == (metadata or {})
+    assert set(index["weight_map"]) == set(tensors)
+    loaded = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        part = safetensors.torch.load_file(out / shard)
+        assert all(index["weight_map"][k] == shard for k in part)
+        loaded.update(part)
+        with safetensors.safe_open(out / shard, framework="pt") as f:
+            assert (f.metadata() or {}) == (metadata or {})
+    assert_same(loaded, tensors)
 
 
 def test_a_failed_sharded_write_leaves_no_temporary(tmp_path):

@@ -1,13 +1,16 @@
-"""Reading and writing safetensors files one tensor at a time, atomically.
+"""Writing safetensors files one tensor at a time, atomically (hand-written).
 
 The safetensors format is an 8-byte little-endian header length, a JSON header
 (``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``)
-and the raw tensor bytes. Writing it ourselves lets a converter stream: the
-header is known before any tensor is computed, so each tensor is written as
-soon as it exists and then dropped. Reading with plain file reads (not mmap)
-keeps the process's resident memory at about one tensor.
+and the raw tensor bytes. The safetensors library writes only a state dict held
+whole in memory; writing the format here lets a converter stream: the header
+is known before any tensor is computed, so each tensor is written as soon as it
+exists and then dropped.
 
-Files written here load with ``safetensors.torch.load_file``.
+Every kind of file written here (single, sharded, each dtype in
+:data:`DTYPE_NAMES`) loads with ``safetensors.torch.load_file``
+(tests/test_export.py). Reading goes through the library:
+:mod:`mdparam.safetensors_read`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -38,123 +40,33 @@ from torch import Tensor
 INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = [
+    "DTYPE_NAMES",
     "INDEX_NAME",
-    "CheckpointReader",
-    "SafetensorsFormatError",
-    "TensorEntry",
     "atomic_path",
     "pack_shards",
-    "read_header",
-    "read_tensor",
     "remove_stale_temporaries",
     "write_file",
     "write_sharded",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# The dtypes written here, under their names in the format; the reader reads the same.
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+        DTYPE_NAMES[getattr(torch, _attr)] = _name
 _CHUNK = 1 << 20
 STALE_AFTER = 10.0  # seconds; see remove_stale_temporaries
-
-
-class SafetensorsFormatError(ValueError):
-    """The file is not a (complete) safetensors file."""
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute file offsets
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _corrupt(path: Path, why: str) -> SafetensorsFormatError:
-    return SafetensorsFormatError(
-        f"{path} is not a complete safetensors file ({why}); it may be truncated or corrupt: "
-        "re-create it from its source"
-    )
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-    """The metadata and the tensor entries of a safetensors file, checked for sanity."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _corrupt(path, f"only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _corrupt(path, f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + n
-    entries: dict[str, TensorEntry] = {}
-    end_max = 0
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"bad entry for tensor {name!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if e - b != numel * dtype.itemsize or b < 0:
-            raise _corrupt(
-                path, f"tensor {name!r} has {e - b} bytes for shape {shape} {info['dtype']}"
-            )
-        entries[name] = TensorEntry(name, dtype, shape, start + b, start + e)
-        end_max = max(end_max, start + e)
-    if end_max > size:
-        raise _corrupt(path, f"data ends at byte {end_max} but the file has {size}")
-    return dict(metadata), entries
-
-
-def read_tensor(f, entry: TensorEntry, out: Tensor | None = None) -> Tensor:
-    """Read one tensor from an open binary file (a private copy, not a map).
-
-    ``out``, a uint8 buffer of at least ``entry.nbytes``, is filled instead of
-    a fresh allocation (a reused buffer skips the page faults of new memory).
-    """
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else out[: entry.nbytes]
-    f.seek(entry.begin)
-    if entry.nbytes and f.readinto(memoryview(buf.numpy())) != entry.nbytes:
-        raise SafetensorsFormatError(
-            f"{getattr(f, 'name', 'file')}: tensor {entry.name!r} is cut short"
-        )
-    return buf.view(entry.dtype).reshape(entry.shape)
 
 
 def _umask() -> int:
@@ -301,7 +213,7 @@ def _write_tensors(f, specs, produce: Callable[[str], Tensor]) -> None:
         while (t := jobs.get()) is not None:
             try:
                 if t.numel() and not failed:
-                    view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+                    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # 0-d too
                     for i in range(0, len(view), _CHUNK):  # small writes copy from cache
                         f.write(view[i : i + _CHUNK])
             except BaseException as e:
@@ -359,7 +271,7 @@ def write_file(
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, dtype, shape in specs:
-        if dtype not in _NAMES:
+        if dtype not in DTYPE_NAMES:
             raise TypeError(
                 f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors; cast it "
                 "(dtype=torch.float32 or torch.bfloat16) before saving"
@@ -369,7 +281,7 @@ def write_file(
             numel *= int(s)
         nbytes = numel * dtype.itemsize
         header[name] = {
-            "dtype": _NAMES[dtype],
+            "dtype": DTYPE_NAMES[dtype],
             "shape": [int(s) for s in shape],
             "data_offsets": [offset, offset + nbytes],
         }
@@ -443,7 +355,7 @@ def write_sharded(
                 write_file(tmp / fname, shard, produce, metadata)
                 weight_map.update(dict.fromkeys((name for name, *_ in shard), fname))
             index = {"metadata": dict(metadata or {}), "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
             if dirpath.exists():
                 old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
                 os.replace(dirpath, old)
@@ -456,59 +368,3 @@ def write_sharded(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     return dirpath
-
-
-class CheckpointReader:
-    """Tensors of a safetensors file or a sharded directory, read one at a time."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        if path.is_dir():
-            index = path / INDEX_NAME
-            if not index.exists():
-                raise FileNotFoundError(
-                    f"{path} is a directory without {INDEX_NAME}; give a .safetensors file or a "
-                    "sharded checkpoint directory"
-                )
-            try:
-                info = json.loads(index.read_text())
-                weight_map = info["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{index} is not a valid index ({e}); re-create the checkpoint"
-                ) from None
-            self.metadata = dict(info.get("metadata") or {})
-            self.files = {}
-            self.entries = {}
-            for shard in dict.fromkeys(weight_map.values()):
-                meta, entries = read_header(path / shard)
-                if not self.metadata:
-                    self.metadata = meta
-                for name, entry in entries.items():
-                    self.files[name] = path / shard
-                    self.entries[name] = entry
-            missing = [k for k in weight_map if k not in self.entries]
-            if missing:
-                raise ValueError(f"{index} lists {missing[0]!r} but its shard does not hold it")
-        else:
-            self.metadata, self.entries = read_header(path)
-            self.files = dict.fromkeys(self.entries, path)
-        self.path = path
-        self._handles: dict[Path, object] = {}
-
-    def get(self, name: str, out: Tensor | None = None) -> Tensor:
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = open(file, "rb")  # noqa: SIM115 (closed in close())
-        return read_tensor(self._handles[file], self.entries[name], out)
-
-    def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
