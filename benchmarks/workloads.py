@@ -159,15 +159,9 @@ def factored_parts(
     layer: torch.nn.Linear,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(D, phi(r), phi(c)) of a registered Linear with row and column gains."""
-    from mdparam.maps import apply_gain_map
-
     plist = layer.parametrizations.weight
-    gain_map = plist[0].config.gain_map
-    return (
-        plist.original0,
-        apply_gain_map(plist.original1, gain_map),
-        apply_gain_map(plist.original2, gain_map),
-    )
+    phi = plist[0].config.geometry.gain_map
+    return (plist.original0, phi(plist.original1), phi(plist.original2))
 
 
 def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

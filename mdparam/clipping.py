@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from .distributed import is_sharded, local_radius, pieces
 from .kinds import check_choice
-from .layouts import to_matrix
 from .parametrization import gain_magnitudes
 from .tree import Registered, full_tensor, registered, unique_directions
 
@@ -42,12 +41,13 @@ def _fused_square(entry: Registered) -> Tensor | None:
     if grad is None:
         return None
     local = grad.to_local() if is_sharded(grad) else grad
-    g2 = to_matrix(local.detach(), entry.config.layout).float().square()
+    layout = entry.config.geometry.layout
+    g2 = layout.to_matrix(local.detach()).float().square()
     gains = tuple(full_tensor(g.detach()) for g in entry.gains)  # small: whole on every rank
     for mag in gain_magnitudes(gains, entry.config):
         inv = _inverse_square(mag)
         if is_sharded(grad):  # this shard's rows or columns of the gain
-            inv = local_radius(grad, entry.config.layout, inv)
+            inv = local_radius(grad, layout, inv)
         g2 = g2 * inv
     return g2.sum()
 

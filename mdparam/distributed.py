@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layouts import Layout, layout_of, matrix_dim, to_matrix
-from .sphere import Sphere, sphere_dims, sphere_norm
+from .layouts import Layout
+from .sphere import Sphere
 
 __all__ = [
     "LocalNorms",
@@ -66,19 +66,19 @@ def _sharded_dims(d: Tensor) -> list[tuple[int, int]]:
     return [(m, sd % d.ndim) for m, sd in dims if sd is not None]
 
 
-def _reduced_mesh_dims(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> list[int]:
+def _reduced_mesh_dims(d: Tensor, sphere: Sphere, layout: Layout) -> list[int]:
     """The mesh dims that split one of the matrix dims this direction's sphere norms over."""
-    reduced = set(sphere_dims(sphere))
-    return sorted({m for m, sd in _sharded_dims(d) if matrix_dim(layout, d.ndim, sd) in reduced})
+    reduced = set(sphere.dims)
+    return sorted({m for m, sd in _sharded_dims(d) if layout.matrix_dim(d.ndim, sd) in reduced})
 
 
-def norms_are_global(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> bool:
+def norms_are_global(d: Tensor, sphere: Sphere, layout: Layout) -> bool:
     """Whether every rank sees all of this direction's norms (after the all-reduce)."""
-    reduced = set(sphere_dims(sphere))
-    return all(matrix_dim(layout, d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
+    reduced = set(sphere.dims)
+    return all(layout.matrix_dim(d.ndim, sd) in reduced for _, sd in _sharded_dims(d))
 
 
-def local_radius(d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
+def local_radius(d: Tensor, layout: Layout, radius: float | Tensor) -> float | Tensor:
     """The part of a radius tensor (``radius="init"``) that belongs to this rank's shard."""
     if is_sharded(radius):  # tensor parallel replicates the parametrization's buffers
         radius = radius.full_tensor()
@@ -94,11 +94,11 @@ def local_radius(d: Tensor, layout: str | Layout, radius: float | Tensor) -> flo
     for storage_dim, (size, start) in enumerate(zip(local_shape, offset)):
         if size == d.shape[storage_dim]:
             continue
-        mdim = matrix_dim(layout, d.ndim, storage_dim)
+        mdim = layout.matrix_dim(d.ndim, storage_dim)
         rdim = storage_dim if mdim is None else out.ndim + mdim  # batch dims lead in both
         if out.shape[rdim] == 1:
             continue  # the radius does not vary along this dim
-        if layout_of(layout).merges(storage_dim):
+        if layout.merges(storage_dim):
             raise NotImplementedError(
                 "radius='init' on a convolution sharded along its kernel is not supported; "
                 "use radius='shape' or shard along the output channels"
@@ -120,7 +120,7 @@ def pieces(d: Tensor) -> int:
     return n
 
 
-def _world_weight(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> float | None:
+def _world_weight(d: Tensor, sphere: Sphere, layout: Layout) -> float | None:
     """The weight that makes a sum over every rank of the job this direction's norm, or None.
 
     A direction split only along dims its sphere norms over (any flat sphere; FSDP2,
@@ -137,7 +137,7 @@ def _world_weight(d: Tensor, sphere: str | Sphere, layout: str | Layout) -> floa
 
 
 def reduce_plan(
-    like: Sequence[Tensor], spheres: Sequence[str | Sphere], layouts: Sequence[str | Layout]
+    like: Sequence[Tensor], spheres: Sequence[Sphere], layouts: Sequence[Layout]
 ) -> ReducePlan:
     """The collectives that make local squared norms global, and which directions each serves.
 
@@ -168,15 +168,15 @@ def reduce_plan(
 def sharded_norms(
     locals_: Sequence[Tensor],
     plan: ReducePlan,
-    spheres: Sequence[str | Sphere],
-    layouts: Sequence[str | Layout],
+    spheres: Sequence[Sphere],
+    layouts: Sequence[Layout],
 ) -> list[Tensor]:
     """Global norms per sphere unit (keepdim) of local shards, reduced as ``plan`` says.
 
     One all-reduce per entry of the plan, whatever the number of tensors.
     """
     squares = [
-        sphere_norm(to_matrix(t, layout), sphere).square_()
+        sphere.norm(layout.to_matrix(t)).square_()
         for t, sphere, layout in zip(locals_, spheres, layouts)
     ]
     for group, idx, weights in plan:
@@ -202,7 +202,7 @@ class LocalNorms:
     def local(self, d: Tensor) -> Tensor:
         return d
 
-    def radius(self, d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
+    def radius(self, d: Tensor, layout: Layout, radius: float | Tensor) -> float | Tensor:
         return radius
 
     def norms(self, tensors: Sequence[Tensor]) -> list[Tensor] | None:
@@ -225,8 +225,8 @@ class ShardedNorms:
     def __init__(
         self,
         directions: Sequence[Tensor],
-        spheres: Sequence[str | Sphere],
-        layouts: Sequence[str | Layout],
+        spheres: Sequence[Sphere],
+        layouts: Sequence[Layout],
     ) -> None:
         self.spheres, self.layouts = list(spheres), list(layouts)
         self.plan = reduce_plan(directions, self.spheres, self.layouts)
@@ -238,7 +238,7 @@ class ShardedNorms:
     def local(self, d: Tensor) -> Tensor:
         return d.to_local() if is_sharded(d) else d
 
-    def radius(self, d: Tensor, layout: str | Layout, radius: float | Tensor) -> float | Tensor:
+    def radius(self, d: Tensor, layout: Layout, radius: float | Tensor) -> float | Tensor:
         return local_radius(d, layout, radius)
 
     def norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -252,8 +252,8 @@ class ShardedNorms:
 
 def norm_strategy(
     directions: Sequence[Tensor],
-    spheres: Sequence[str | Sphere],
-    layouts: Sequence[str | Layout],
+    spheres: Sequence[Sphere],
+    layouts: Sequence[Layout],
 ) -> LocalNorms | ShardedNorms:
     """How the norms of these directions are taken: locally, or across the ranks that shard them."""
     if not any(is_sharded(d) for d in directions):

@@ -16,7 +16,7 @@ from torch import Tensor
 from .kinds import Kinds
 from .maps import GainMap
 
-__all__ = ["GAINS", "GainKind", "gain_kind_of", "gain_roles"]
+__all__ = ["GAINS", "GainKind", "gain_kind_of"]
 
 # Where each role's magnitude goes: (.., d_out, 1) for rows, (.., 1, d_in) for columns.
 _AXIS = {"row_gain": -1, "col_gain": -2, "scalar_gain": -1}
@@ -60,8 +60,3 @@ for _name, _roles in (
 ):
     gain_kind_of.add(GainKind(_name, _roles))
 GAINS = gain_kind_of.names
-
-
-def gain_roles(gains: str | GainKind) -> tuple[str, ...]:
-    """Names of the raw gain tensors a ``gains`` layout has, in storage order."""
-    return gain_kind_of(gains).roles

@@ -2,47 +2,57 @@
 
 The maths of MD decoupling is about matrices: rows are outputs, columns are
 inputs. Layers store their weights in other layouts; a :class:`Layout` turns
-the stored tensor into that matrix and back. The direction keeps the stored
-shape (so it shards like the plain weight), and the matrix is a view of it,
-except for a ``flatten_in`` tensor whose trailing dims cannot be merged (a
-channels_last convolution): then it is a copy, and in-place work must be
-written back (:meth:`Layout.write_back`).
+the stored tensor into that matrix and back, by an einops pattern. The
+direction keeps the stored shape (so it shards like the plain weight), and
+the matrix is a view of it, except for a ``flatten_in`` tensor whose trailing
+dims cannot be merged (a channels_last convolution): then it is a copy, and
+in-place work must be written back (:meth:`Layout.write_back`).
 
-- ``linear``: (d_out, d_in), as nn.Linear.
-- ``transposed``: (d_in, d_out), as transformers' GPT-2 ``Conv1D``.
-- ``flatten_in``: (d_out, d_in, *kernel), as nn.ConvNd; the kernel joins the
-  input axis.
-- ``batched``: (*batch, d_out, d_in), as fused MoE expert weights; one matrix
+- ``linear``: ``o i -> o i``, as nn.Linear.
+- ``transposed``: ``i o -> o i``, as transformers' GPT-2 ``Conv1D``.
+- ``flatten_in``: ``o i k1 .. kn -> o (i k1 .. kn)``, as nn.ConvNd; the kernel
+  joins the input axis.
+- ``batched``: ``... o i -> ... o i``, as fused MoE expert weights; one matrix
   (one sphere, one set of gains) per leading index.
 
-The functions below take a layout's name or object.
+Names are resolved once, at the API's edge, with :data:`layout_of`; inside,
+everything takes the :class:`Layout` object.
+
+Example:
+    >>> import torch
+    >>> conv = layout_of("flatten_in")
+    >>> conv.to_matrix(torch.zeros(8, 3, 5, 5)).shape
+    torch.Size([8, 75])
+    >>> conv.from_matrix(torch.zeros(8, 75), (8, 3, 5, 5)).shape
+    torch.Size([8, 3, 5, 5])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from einops import rearrange
 from torch import Tensor
 
 from .kinds import Kinds
 
-__all__ = [
-    "LAYOUTS",
-    "Layout",
-    "from_matrix",
-    "is_view",
-    "layout_of",
-    "matrix_dim",
-    "matrix_shape",
-    "to_matrix",
-    "write_back",
-]
+__all__ = ["LAYOUTS", "Layout", "layout_of"]
+
+_PLANNED_NDIM = 8  # patterns kept for tensors of up to this many dims (more: worked out per call)
 
 
 class Layout:
-    """One way of storing a matrix; subclasses override the views."""
+    """One way of storing a matrix: the einops patterns from the stored tensor to its
+    matrix view and back (:meth:`patterns`); subclasses say which dims exist."""
 
     name = ""
+
+    def __init__(self) -> None:
+        self._by_ndim = tuple(self._without_identity(n) for n in range(_PLANNED_NDIM))
+
+    def patterns(self, ndim: int) -> tuple[str, str]:
+        """(stored -> matrix, matrix -> stored) einops patterns for an ``ndim``-D tensor."""
+        return "o i -> o i", "o i -> o i"
 
     def matrix_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Shape (*batch, d_out, d_in) of the matrix view of a tensor of ``shape``."""
@@ -62,11 +72,25 @@ class Layout:
         return False
 
     def to_matrix(self, t: Tensor) -> Tensor:
-        return t
+        """The matrix view (..., d_out, d_in) of a stored tensor (a copy only where
+        :meth:`is_view` says so)."""
+        there = self._moves(t.ndim)[0]
+        return t if there is None else rearrange(t, there)
 
     def from_matrix(self, m: Tensor, shape: Sequence[int]) -> Tensor:
         """Inverse of :meth:`to_matrix`: back to the stored ``shape``."""
-        return m
+        back = self._moves(len(shape))[1]
+        return m if back is None else rearrange(m, back, **_sizes(back, shape))
+
+    def _moves(self, ndim: int) -> tuple[str | None, str | None]:
+        """:meth:`patterns`, None for one that moves nothing; worked out once per ndim when
+        the layout is made, since this runs per tensor per step."""
+        if ndim < len(self._by_ndim):
+            return self._by_ndim[ndim]
+        return self._without_identity(ndim)
+
+    def _without_identity(self, ndim: int) -> tuple[str | None, str | None]:
+        return tuple(None if _identity(p) else p for p in self.patterns(ndim))  # type: ignore[return-value]
 
     def is_view(self, t: Tensor) -> bool:
         """Whether :meth:`to_matrix` of ``t`` is a view (decided from the strides alone)."""
@@ -81,12 +105,27 @@ class Layout:
         return f"Layout({self.name!r})"
 
 
+def _identity(pattern: str) -> bool:
+    there, back = pattern.split("->")
+    return there.split() == back.split()
+
+
+def _sizes(pattern: str, shape: Sequence[int]) -> dict[str, int]:
+    """The axis sizes an inverse pattern needs to split a merged axis: every named axis of
+    its output side but the first (the first follows from the others)."""
+    axes = pattern.split("->")[1].split()
+    return {a: int(n) for a, n in list(zip(axes, shape))[1:] if a != "..."}
+
+
 class LinearLayout(Layout):
     name = "linear"
 
 
 class TransposedLayout(Layout):
     name = "transposed"
+
+    def patterns(self, ndim: int) -> tuple[str, str]:
+        return "i o -> o i", "o i -> i o"
 
     def matrix_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         d_in, d_out = super().matrix_shape(shape)
@@ -95,15 +134,13 @@ class TransposedLayout(Layout):
     def matrix_dim(self, ndim: int, storage_dim: int) -> int | None:
         return (-1, -2)[storage_dim]
 
-    def to_matrix(self, t: Tensor) -> Tensor:
-        return t.mT
-
-    def from_matrix(self, m: Tensor, shape: Sequence[int]) -> Tensor:
-        return m.mT
-
 
 class FlattenInLayout(Layout):
     name = "flatten_in"
+
+    def patterns(self, ndim: int) -> tuple[str, str]:
+        kernel = " ".join(f"k{j}" for j in range(1, ndim - 1))
+        return f"o i {kernel} -> o (i {kernel})", f"o (i {kernel}) -> o i {kernel}"
 
     def matrix_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         shape = tuple(int(s) for s in shape)
@@ -120,12 +157,6 @@ class FlattenInLayout(Layout):
     def merges(self, storage_dim: int) -> bool:
         return storage_dim > 0  # d_in and the kernel make one matrix dim
 
-    def to_matrix(self, t: Tensor) -> Tensor:
-        return t.flatten(1)
-
-    def from_matrix(self, m: Tensor, shape: Sequence[int]) -> Tensor:
-        return m.reshape(shape)
-
     def is_view(self, t: Tensor) -> bool:
         for k in range(1, t.ndim - 1):
             if (
@@ -139,6 +170,9 @@ class FlattenInLayout(Layout):
 
 class BatchedLayout(Layout):
     name = "batched"
+
+    def patterns(self, ndim: int) -> tuple[str, str]:
+        return "... o i -> ... o i", "... o i -> ... o i"
 
     def matrix_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         shape = tuple(int(s) for s in shape)
@@ -154,34 +188,3 @@ layout_of: Kinds[Layout] = Kinds("layout", Layout)
 for _cls in (LinearLayout, TransposedLayout, FlattenInLayout, BatchedLayout):
     layout_of.add(_cls())
 LAYOUTS = layout_of.names
-
-
-def matrix_shape(shape: Sequence[int], layout: str | Layout) -> tuple[int, ...]:
-    """Shape (*batch, d_out, d_in) of the matrix view of a tensor of ``shape``."""
-    return layout_of(layout).matrix_shape(shape)
-
-
-def matrix_dim(layout: str | Layout, ndim: int, storage_dim: int) -> int | None:
-    """The matrix dim (-2 out, -1 in) that storage dim ``storage_dim`` of an ``ndim``-D
-    tensor becomes under :func:`to_matrix`; None for a batch dim."""
-    return layout_of(layout).matrix_dim(ndim, storage_dim)
-
-
-def to_matrix(t: Tensor, layout: str | Layout) -> Tensor:
-    """View a stored tensor as its matrix (..., d_out, d_in)."""
-    return layout_of(layout).to_matrix(t)
-
-
-def from_matrix(m: Tensor, layout: str | Layout, shape: Sequence[int]) -> Tensor:
-    """Inverse of :func:`to_matrix`: back to the stored ``shape``."""
-    return layout_of(layout).from_matrix(m, shape)
-
-
-def is_view(t: Tensor, layout: str | Layout) -> bool:
-    """Whether :func:`to_matrix` of ``t`` is a view (decided from the strides alone)."""
-    return layout_of(layout).is_view(t)
-
-
-def write_back(matrix: Tensor, t: Tensor, layout: str | Layout) -> None:
-    """Copy in-place changes made to ``to_matrix(t)`` back into ``t`` when that was a copy."""
-    layout_of(layout).write_back(matrix, t)

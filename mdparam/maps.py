@@ -3,8 +3,14 @@
 A gain map turns an unconstrained raw gain into the magnitude that scales a
 row or a column of the direction. ``softplus`` is the authors' choice (always
 positive, linear for large values); ``exp`` is positive and multiplicative;
-``identity`` lets a gain change sign. Each is a :class:`GainMap`; the
-functions below take a map's name or object.
+``identity`` lets a gain change sign. Each is a :class:`GainMap`, callable
+as phi; names are resolved once, at the API's edge, with :data:`gain_map_of`.
+
+Example:
+    >>> import torch
+    >>> softplus = gain_map_of("softplus")
+    >>> softplus(softplus.inverse(torch.tensor([0.5, 2.0])))
+    tensor([0.5000, 2.0000])
 """
 
 from __future__ import annotations
@@ -18,10 +24,8 @@ from .kinds import Kinds
 __all__ = [
     "GAIN_MAPS",
     "GainMap",
-    "apply_gain_map",
     "gain_map_of",
     "gain_map_op",
-    "invert_gain_map",
 ]
 
 # torch's softplus returns x itself above this threshold; the inverse mirrors it
@@ -140,13 +144,3 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
 
 
 gain_map_op.register_autograd(_backward, setup_context=_setup)
-
-
-def apply_gain_map(raw: Tensor, gain_map: str | GainMap) -> Tensor:
-    """phi(raw): the positive magnitude a raw gain stands for."""
-    return gain_map_of(gain_map)(raw)
-
-
-def invert_gain_map(value: Tensor, gain_map: str | GainMap) -> Tensor:
-    """phi^-1(value): the raw gain whose magnitude is ``value`` (positive for softplus, exp)."""
-    return gain_map_of(gain_map).inverse(value)

@@ -86,7 +86,7 @@ class Options:
         if isinstance(self.radius, str):
             check_choice("radius", self.radius, RADIUS_POLICIES, extra=" or a positive number")
         if self.radius is not None and not isinstance(self.radius, str):
-            resolve_radius(self.radius, torch.empty(1, 1, device="meta"), "flat")
+            resolve_radius(self.radius, torch.empty(1, 1, device="meta"), sphere_of("flat"))
         s = self.radius_scale
         if s is not None and (
             isinstance(s, bool)

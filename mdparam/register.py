@@ -284,7 +284,7 @@ def _register_one(item: Planned) -> None:
     opts = item.options
     weight = getattr(item.module, item.tensor_name)
     matrix = layout_of(item.layout).to_matrix(weight.detach())
-    r = resolve_radius(opts.radius, matrix, opts.sphere)
+    r = resolve_radius(opts.radius, matrix, sphere_of(opts.sphere))
     if opts.radius_scale != 1.0:
         r = r * opts.radius_scale
     config = MDConfig(

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import norm_strategy
-from .layouts import matrix_shape, to_matrix, write_back
-from .sphere import norm_dtype, sphere_norm, sphere_of
+from .layouts import Layout
+from .sphere import Sphere, norm_dtype
 from .tree import registered, unique_directions
 
 __all__ = [
@@ -69,8 +69,8 @@ class RetractionError(FloatingPointError):
 
 def retract_(
     directions: Sequence[Tensor],
-    spheres: Sequence[str],
-    layouts: Sequence[str],
+    spheres: Sequence[Sphere],
+    layouts: Sequence[Layout],
     radii: Sequence[float | Tensor],
     norms: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
@@ -84,10 +84,10 @@ def retract_(
     """
     used = []
     for i, (d, sphere, layout, radius) in enumerate(zip(directions, spheres, layouts, radii)):
-        m = to_matrix(d, layout)
-        n = sphere_norm(m, sphere) if norms is None else norms[i]  # fp32 for bf16/fp16
+        m = layout.to_matrix(d)
+        n = sphere.norm(m) if norms is None else norms[i]  # fp32 for bf16/fp16
         m.mul_(radius / n.clamp_min(_TINY))
-        write_back(m, d, layout)
+        layout.write_back(m, d)
         used.append(n)
     return used
 
@@ -109,9 +109,13 @@ class RetractionGroups:
 
     Example:
         >>> import torch
+        >>> from mdparam.layouts import layout_of
         >>> from mdparam.retraction import RetractionGroups
+        >>> from mdparam.sphere import sphere_of
         >>> ts = [torch.randn(4, 4), torch.randn(2, 3, 3), torch.randn(4, 4)]
-        >>> g = RetractionGroups(ts, ["flat", "flat", "row"], ["linear", "batched", "linear"])
+        >>> spheres = [sphere_of(s) for s in ("flat", "flat", "row")]
+        >>> layouts = [layout_of(n) for n in ("linear", "batched", "linear")]
+        >>> g = RetractionGroups(ts, spheres, layouts)
         >>> g.chunks, g.rest  # batched: one norm per matrix; row: one per row
         ([[0]], [1, 2])
     """
@@ -119,15 +123,15 @@ class RetractionGroups:
     def __init__(
         self,
         directions: Sequence[Tensor],
-        spheres: Sequence[str],
-        layouts: Sequence[str],
+        spheres: Sequence[Sphere],
+        layouts: Sequence[Layout],
         chunk_bytes: int | None = None,
     ) -> None:
         self.chunks: list[list[int]] = []
         self.rest: list[int] = []
         size, key = 0, None
         for i, (d, sphere, layout) in enumerate(zip(directions, spheres, layouts)):
-            if not sphere_of(sphere).whole_tensor(matrix_shape(d.shape, layout)):
+            if not sphere.whole_tensor(layout.matrix_shape(d.shape)):
                 self.rest.append(i)
                 continue
             nbytes = d.numel() * d.element_size()
@@ -151,8 +155,8 @@ class RetractionGroups:
 
 def retract_grouped_(
     directions: Sequence[Tensor],
-    spheres: Sequence[str],
-    layouts: Sequence[str],
+    spheres: Sequence[Sphere],
+    layouts: Sequence[Layout],
     radii: Sequence[float | Tensor],
     groups: RetractionGroups,
 ) -> list[Tensor]:
@@ -204,8 +208,8 @@ def _squared_norm(t: Tensor) -> Tensor:
 def relative_step_(
     directions: Sequence[Tensor],
     previous: Sequence[Tensor],
-    spheres: Sequence[str],
-    layouts: Sequence[str],
+    spheres: Sequence[Sphere],
+    layouts: Sequence[Layout],
     radii: Sequence[float | Tensor],
     lrs: Sequence[Tensor | float],
     norm_fn: Callable[[list[Tensor]], list[Tensor]] | None = None,
@@ -221,16 +225,16 @@ def relative_step_(
         torch.sub(d, prev, out=prev)  # prev := U
     if norm_fn is None:
         norms = [
-            sphere_norm(to_matrix(u, layout), sphere)
+            sphere.norm(layout.to_matrix(u))
             for u, sphere, layout in zip(previous, spheres, layouts)
         ]
     else:
         norms = norm_fn(list(previous))
     for d, u, layout, radius, lr, n in zip(directions, previous, layouts, radii, lrs, norms):
-        m = to_matrix(d, layout)
+        m = layout.to_matrix(d)
         # D_prev + s U = D + (s - 1) U: one pass over D and U
-        m.addcmul_(to_matrix(u, layout), lr * radius / n.clamp_min(_TINY) - 1)
-        write_back(m, d, layout)
+        m.addcmul_(layout.to_matrix(u), lr * radius / n.clamp_min(_TINY) - 1)
+        layout.write_back(m, d)
 
 
 class Retraction:

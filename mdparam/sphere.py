@@ -1,8 +1,15 @@
 """Spheres that hold the direction D, and the policies that pick their radius.
 
-Each kind is a :class:`Sphere`; the functions below take a sphere's name or
-object, and the *matrix view* (..., d_out, d_in) of a tensor (see
-:mod:`mdparam.layouts`).
+Each kind is a :class:`Sphere`, whose methods take the *matrix view*
+(..., d_out, d_in) of a tensor (see :mod:`mdparam.layouts`). Names are
+resolved once, at the API's edge, with :data:`sphere_of`.
+
+Example:
+    >>> import torch
+    >>> row = sphere_of("row")
+    >>> d = row.project(torch.randn(3, 4), 2.0)
+    >>> torch.allclose(row.norm(d), torch.full((3, 1), 2.0))
+    True
 
 - ``flat``: ||D||_F = R for each matrix (the authors' default).
 - ``row``: every row has norm R (nGPT-style when R = 1).
@@ -39,11 +46,7 @@ __all__ = [
     "SPHERES",
     "Sphere",
     "norm_dtype",
-    "project",
     "resolve_radius",
-    "shape_radius",
-    "sphere_dims",
-    "sphere_norm",
     "sphere_of",
 ]
 
@@ -166,41 +169,20 @@ for _cls in (FlatSphere, RowSphere, ColSphere):
 SPHERES = sphere_of.names
 
 
-def sphere_dims(sphere: str | Sphere) -> tuple[int, ...]:
-    """The matrix dims a sphere reduces over when it takes a norm."""
-    return sphere_of(sphere).dims
-
-
-def sphere_norm(matrix: Tensor, sphere: str | Sphere) -> Tensor:
-    """Norm of each unit of the sphere, keepdim so it broadcasts against ``matrix``."""
-    return sphere_of(sphere).norm(matrix)
-
-
-def shape_radius(d_out: int, d_in: int, sphere: str | Sphere) -> float:
-    """Radius of the ``"shape"`` policy for one unit of the sphere."""
-    return sphere_of(sphere).shape_radius(d_out, d_in)
-
-
-def project(matrix: Tensor, sphere: str | Sphere, radius: float | Tensor) -> Tensor:
-    """Rescale each unit of ``matrix`` to norm ``radius`` (same dtype out)."""
-    return sphere_of(sphere).project(matrix, radius)
-
-
-def resolve_radius(radius: str | float, matrix: Tensor, sphere: str | Sphere) -> float | Tensor:
+def resolve_radius(radius: str | float, matrix: Tensor, sphere: Sphere) -> float | Tensor:
     """Turn a radius policy into a number, or for ``"init"`` a tensor.
 
     ``matrix`` is the weight's matrix view at registration. ``"shape"`` and
     numbers give a Python float (a function of the shape or the option, so
     nothing to save). ``"init"`` gives the weight's norms as a tensor that
-    broadcasts like :func:`sphere_norm` (fp32 for bf16/fp16 weights): it is
+    broadcasts like :meth:`Sphere.norm` (fp32 for bf16/fp16 weights): it is
     kept with the model's state, so a checkpoint or DCP resume restores it.
     """
-    kind = sphere_of(sphere)
     if isinstance(radius, str):
         if radius == "shape":
-            return kind.shape_radius(matrix.shape[-2], matrix.shape[-1])
+            return sphere.shape_radius(matrix.shape[-2], matrix.shape[-1])
         if radius == "init":
-            return _init_radius(matrix, kind)
+            return _init_radius(matrix, sphere)
         check_choice("radius", radius, RADIUS_POLICIES, extra=" or a positive number")
     if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
         raise ValueError(

@@ -7,8 +7,6 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from .layouts import to_matrix
-from .maps import apply_gain_map
 from .tree import full_tensor, registered, unique_directions, unwrap
 
 __all__ = ["Stats", "stats"]
@@ -121,10 +119,10 @@ def _collect(
     for e in unique_directions(registered(unwrap(model))):
         cfg = e.config
         for role, raw in zip(cfg.roles[1:], e.gains):
-            mag = apply_gain_map(full_tensor(raw.detach()).float(), cfg.gain_map)
+            mag = cfg.geometry.gain_map(full_tensor(raw.detach()).float())
             keys += [(e.name, f"{role}_mean"), (e.name, f"{role}_min"), (e.name, f"{role}_max")]
             values += [mag.mean(), mag.min(), mag.max()]
-        d = to_matrix(full_tensor(e.direction.detach()), cfg.layout).float()
+        d = cfg.geometry.layout.to_matrix(full_tensor(e.direction.detach())).float()
         if exact:
             record = ("exact", d.clone())
         else:

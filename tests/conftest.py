@@ -37,15 +37,14 @@ def sphere_error(model: torch.nn.Module) -> float:
     """
     import mdparam
     from mdparam.distributed import is_sharded
-    from mdparam.layouts import to_matrix
-    from mdparam.sphere import sphere_norm
 
     assert mdparam.registered(model), "sphere_error: the model has no registered layers"
     worst = 0.0
     for e in mdparam.registered(model):
         d = e.direction.detach()
         d = d.full_tensor() if is_sharded(d) else d
-        norms = sphere_norm(to_matrix(d, e.config.layout), e.config.sphere)
+        geo = e.config.geometry
+        norms = geo.sphere.norm(geo.layout.to_matrix(d))
         radius = e.parametrization.sphere_radius()
         err = ((norms - radius) / radius).abs().nan_to_num(nan=float("inf")).max()
         worst = max(worst, float(err))  # a NaN norm counts as infinitely far

@@ -11,7 +11,7 @@ from torch import nn
 
 import mdparam
 from mdparam.clipping import fused_grad_norm
-from mdparam.maps import apply_gain_map
+from mdparam.maps import gain_map_of
 from mdparam.optim import muon_param_groups
 
 
@@ -49,7 +49,7 @@ def test_recipe_starts_from_the_sphere_with_unit_gains(optimizer):
             d_out, d_in = e.config.matrix_shape
             assert float(d.norm()) == pytest.approx(math.sqrt(max(d_out, d_in)))
         for g in e.gains:
-            assert torch.allclose(apply_gain_map(g.detach(), "softplus"), torch.ones(()))
+            assert torch.allclose(gain_map_of("softplus")(g.detach()), torch.ones(()))
 
 
 def test_preserve_stays_exact_through_the_recipe():
@@ -146,7 +146,7 @@ def _implied_weight_grads(md):
     """dL/dW of each registered layer, recovered as dL/dD / (phi(r) phi(c))."""
     out = {}
     for e in mdparam.registered(md):
-        r, c = (apply_gain_map(g.detach(), "softplus") for g in e.gains)
+        r, c = (gain_map_of("softplus")(g.detach()) for g in e.gains)
         out[e.name] = e.direction.grad / (r[:, None] * c[None, :])
     return out
 

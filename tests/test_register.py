@@ -15,7 +15,7 @@ from torch import nn
 import mdparam
 from mdparam.gains import GAINS, gain_kind_of
 from mdparam.maps import GAIN_MAPS
-from mdparam.sphere import SPHERES, sphere_norm, sphere_of
+from mdparam.sphere import SPHERES, sphere_of
 
 COMBOS = list(itertools.product(GAINS, SPHERES, GAIN_MAPS))
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -61,7 +61,7 @@ def test_register_preserves_random_shapes(d_out, d_in, log_scale, combo, seed):
     )
     assert rel_err(lin.weight.detach(), w) <= 1e-5
     d = lin.parametrizations.weight.original0
-    norms = sphere_norm(d.detach(), sphere)
+    norms = sphere_of(sphere).norm(d.detach())
     target = lin.parametrizations.weight[0].sphere_radius()
     assert torch.allclose(
         norms, torch.as_tensor(target, dtype=norms.dtype).expand_as(norms), rtol=1e-5
@@ -74,10 +74,10 @@ def test_sphere_init_starts_with_unit_gains_and_projected_direction(gain_map):
     w = model.blocks[0].mlp.up.weight.detach().clone()
     mdparam.register(model, init="sphere", gain_map=gain_map)
     plist = model.blocks[0].mlp.up.parametrizations.weight
-    from mdparam.maps import apply_gain_map
+    from mdparam.maps import gain_map_of
 
     for g in (plist.original1, plist.original2):
-        assert torch.allclose(apply_gain_map(g.detach(), gain_map), torch.ones_like(g))
+        assert torch.allclose(gain_map_of(gain_map)(g.detach()), torch.ones_like(g))
     d = plist.original0.detach()
     assert float(d.norm()) == pytest.approx((4 * 32) ** 0.5, rel=1e-6)
     assert torch.allclose(d / d.norm(), w / w.norm(), atol=1e-6)

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 import mdparam
-from mdparam.layouts import to_matrix
+from mdparam.layouts import layout_of
 from mdparam.retraction import relative_step_
-from mdparam.sphere import project, sphere_norm
+from mdparam.sphere import sphere_of
+
+FLAT, LINEAR = sphere_of("flat"), layout_of("linear")
 
 
 def two_layer(d_in=24, d_hidden=40, d_out=8, seed=0):
@@ -76,8 +78,8 @@ def test_step_is_lr_times_radius_then_retracted(opt_name, sphere):
     for e, d_old, d_base in zip(mdparam.registered(model), old, based):
         radius = e.parametrization.sphere_radius()
         u = d_base - d_old
-        step = lr * radius * u / sphere_norm(u, sphere)  # length lr * R per unit
-        expected = project(d_old + step, sphere, radius)
+        step = lr * radius * u / sphere_of(sphere).norm(u)  # length lr * R per unit
+        expected = sphere_of(sphere).project(d_old + step, radius)
         assert torch.allclose(e.direction.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -107,7 +109,7 @@ def test_the_relative_step_does_not_depend_on_width(width):
     radii = [math.sqrt(width), math.sqrt(4 * width)]
     before = [p.clone() for p in prev]
     lrs = [torch.tensor(lr)] * 2
-    relative_step_(ds, prev, ["flat"] * 2, ["linear"] * 2, radii, lrs)
+    relative_step_(ds, prev, [FLAT] * 2, [LINEAR] * 2, radii, lrs)
     for d, p, r in zip(ds, before, radii):
         assert float((d - p).norm()) / r == pytest.approx(lr, rel=1e-5)
 
@@ -115,7 +117,7 @@ def test_the_relative_step_does_not_depend_on_width(width):
 def test_a_direction_without_gradient_stays_put():
     prev = [torch.randn(4, 4)]
     d = [prev[0].clone()]
-    relative_step_(d, [prev[0].clone()], ["flat"], ["linear"], [2.0], [torch.tensor(0.1)])
+    relative_step_(d, [prev[0].clone()], [FLAT], [LINEAR], [2.0], [torch.tensor(0.1)])
     assert torch.equal(d[0], prev[0])
 
 
@@ -196,7 +198,7 @@ def test_sphere_norms_after_relative_retract_called_twice():
     retract()  # a second call must not treat the stored step as D_prev
     d = lin.parametrizations.weight.original0.detach()
     assert torch.allclose(d, after_step, atol=1e-6)
-    norms = sphere_norm(to_matrix(d, "linear"), "flat")
+    norms = sphere_of("flat").norm(layout_of("linear").to_matrix(d))
     assert float(norms) == pytest.approx(4.0, rel=1e-6)
 
 

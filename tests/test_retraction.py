@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 import mdparam
+from mdparam.layouts import layout_of
 from mdparam.retraction import RetractionGroups, retract_
+from mdparam.sphere import sphere_of
 
 
 def test_retraction_restores_every_sphere_kind():
@@ -140,10 +142,12 @@ def test_retraction_groups_whole_tensors_by_dtype_and_leaves_row_and_col_spheres
     assert sorted(rest) == ["0.weight", "2.weight"]
     for chunk in retract.groups.chunks:  # one dtype per chunk
         assert len({retract.directions[i].dtype for i in chunk}) == 1
-    batched = RetractionGroups([torch.randn(2, 4, 5)], ["flat"], ["batched"])
+    batched = RetractionGroups([torch.randn(2, 4, 5)], [sphere_of("flat")], [layout_of("batched")])
     assert batched.chunks == [] and batched.rest == [0]  # one norm per matrix, not per tensor
     small = torch.randn(4, 4)
-    split = RetractionGroups([small] * 3, ["flat"] * 3, ["linear"] * 3, chunk_bytes=128)
+    split = RetractionGroups(
+        [small] * 3, [sphere_of("flat")] * 3, [layout_of("linear")] * 3, chunk_bytes=128
+    )
     assert split.chunks == [[0, 1], [2]]
 
 

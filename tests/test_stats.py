@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import mdparam
-from mdparam.maps import apply_gain_map
+from mdparam.maps import gain_map_of
 
 
 def trained_step(model, opt, seed):
@@ -26,8 +26,8 @@ def test_stats_match_a_direct_computation():
     s = mdparam.stats(model, exact=True)
     steps = []
     for e, old in zip(mdparam.registered(model), before):
-        r = apply_gain_map(e.gains[0].detach(), "exp")
-        c = apply_gain_map(e.gains[1].detach(), "exp")
+        r = gain_map_of("exp")(e.gains[0].detach())
+        c = gain_map_of("exp")(e.gains[1].detach())
         assert s[f"mdparam/{e.name}/row_gain_mean"] == pytest.approx(float(r.mean()))
         assert s[f"mdparam/{e.name}/row_gain_min"] == pytest.approx(float(r.min()))
         assert s[f"mdparam/{e.name}/col_gain_max"] == pytest.approx(float(c.max()))
@@ -38,10 +38,7 @@ def test_stats_match_a_direct_computation():
     assert s["mdparam/direction_step"] == pytest.approx(sum(steps) / 2)
     assert s["mdparam/direction_step_max"] == pytest.approx(max(steps))
     assert s["mdparam/row_gain_min"] == pytest.approx(
-        min(
-            float(apply_gain_map(e.gains[0].detach(), "exp").min())
-            for e in mdparam.registered(model)
-        )
+        min(float(gain_map_of("exp")(e.gains[0].detach()).min()) for e in mdparam.registered(model))
     )
 
 
