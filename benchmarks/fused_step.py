@@ -1,7 +1,7 @@
 """The recipe's whole training step against plain torch, fused step and formed step side by side.
 
-    ./run python benchmarks/fused_step.py              # 3 shapes x 2 optimizers, both allocators
-    ./run python benchmarks/fused_step.py --shapes 256x4 --processes 1 --allocators default
+    ./run python -m benchmarks.fused_step              # 3 shapes x 2 optimizers, both allocators
+    ./run python -m benchmarks.fused_step --shapes 256x4 --processes 1 --allocators default
 
 Workload: the example GPT (pre-LN, GELU MLP, untied head), byte vocabulary
 (256), 8 x 128 tokens per step, fp32, ``torch.compile(model, fullgraph=True)``,
@@ -37,13 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import mdparam
+from benchmarks.readme import RESULTS, insert_if_committed
+from examples.gpt import GPT, GPTConfig
 
-import mdparam  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
-from readme import RESULTS, insert_if_committed  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {"256x4": (256, 4), "384x4": (384, 4), "512x6": (512, 6)}
 OPTIMIZERS = ("adamw", "muon")
@@ -141,7 +139,11 @@ def run_child(flags: list[str], env_extra: dict, cache: str | None = None) -> di
     if cache is not None:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *flags], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.fused_step", "--child", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise RuntimeError(f"child {flags} failed:\n{out.stderr[-3000:]}")
