@@ -49,7 +49,7 @@ def secondary_lrs(method: str) -> dict[str, float]:
     fixed: the AdamW LR for embeddings, head and norms (MD: mdparam.recipe's choice;
     baselines: methods.BASELINE_OTHER_LR) and the MD gain LR (RunConfig's, the recipe's).
     """
-    from mdparam.recipe import base_optimizer_of
+    from mdparam._recipe import base_optimizer_of
 
     cfg = RunConfig(method=method)
     if method.startswith("md-"):

@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from benchmarks.workloads import BENCH_GPT, ROOT, build_pair, copier
-from mdparam.retraction import retract_
+from mdparam._retraction import retract_
 
 
 def operations(r, dirs: list[torch.Tensor]) -> dict:

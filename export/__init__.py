@@ -1,6 +1,6 @@
 """The converter's entry point in a checkout of the repository: ``python -m export IN OUT``.
 
-The code lives in :mod:`mdparam.convert` (installed with mdparam, as the
+The code lives in :mod:`mdparam._convert` (installed with mdparam, as the
 ``mdparam-export`` command). This folder is
 not installed: it only keeps ``python -m export`` and ``import export``
 working from the repository's root.

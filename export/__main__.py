@@ -1,3 +1,3 @@
-from mdparam.convert import main
+from mdparam._convert import main
 
 raise SystemExit(main(prog="python -m export"))

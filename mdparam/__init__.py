@@ -10,19 +10,19 @@ by any torch.optim optimizer.
     loss.backward(); train.step()
 """
 
-from .adapters import Adapter, register_adapter
-from .checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
-from .clipping import clip_grad_norm_
-from .compiled_step import compile_step
+from ._adapters import Adapter, register_adapter
+from ._checkpoint import load_plain, load_training, plain_state_dict, save_plain, save_training
+from ._clipping import clip_grad_norm_
+from ._compiled_step import compile_step
+from ._optim import muon_optimizers, param_groups
+from ._parametrization import MagnitudeDirection, MDConfig, fuse
+from ._recipe import Recipe, recipe, register_for_recipe
+from ._register import register, reinitialize, remove
+from ._retraction import Retraction, RetractionError
+from ._stats import Stats, stats
+from ._tree import Registered, registered
+from ._version import __version__
 from .hf import save_pretrained
-from .optim import muon_optimizers, param_groups
-from .parametrization import MagnitudeDirection, MDConfig, fuse
-from .recipe import Recipe, recipe, register_for_recipe
-from .register import register, reinitialize, remove
-from .retraction import Retraction, RetractionError
-from .stats import Stats, stats
-from .tree import Registered, registered
-from .version import __version__
 
 __all__ = [
     "Adapter",
@@ -60,7 +60,7 @@ __all__ = [
 def __getattr__(name: str):
     # tensor parallelism loads torch.distributed.tensor, which most users never need
     if name == "parallelize_module":
-        from .tensor_parallel import parallelize_module
+        from ._tensor_parallel import parallelize_module
 
         return parallelize_module
     raise AttributeError(f"module 'mdparam' has no attribute {name!r}")

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import save_plain
-from .tree import unwrap
+from ._checkpoint import save_plain
+from ._tree import unwrap
 
 __all__ = ["save_pretrained"]
 

@@ -41,8 +41,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .clipping import clip_grad_norm_
-from .recipe import Recipe, recipe
+from ._clipping import clip_grad_norm_
+from ._recipe import Recipe, recipe
 
 __all__ = ["ATTRIBUTE", "clip", "configure_optimizers", "setup", "step"]
 

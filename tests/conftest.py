@@ -36,7 +36,7 @@ def sphere_error(model: torch.nn.Module) -> float:
     Sharded (DTensor) directions are gathered first, so this checks the global sphere.
     """
     import mdparam
-    from mdparam.distributed import is_sharded
+    from mdparam._distributed import is_sharded
 
     assert mdparam.registered(model), "sphere_error: the model has no registered layers"
     worst = 0.0

@@ -258,7 +258,7 @@ def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
     import contextlib
     from unittest import mock
 
-    import mdparam.checkpoint as ck
+    import mdparam._checkpoint as ck
 
     model, *_ = build("fsdp", world)
     errors = {}

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 import mdparam
 from examples.gpt import GPT
-from mdparam.sphere import sphere_of
+from mdparam._sphere import sphere_of
 
 
 @pytest.mark.slow

@@ -156,7 +156,7 @@ def test_an_attached_retraction_is_refused():
     assert retract.calls == 1 and sphere_error(model) <= 1e-5
 
 
-# --- what compile_step relies on in torch.optim (mdparam/torch_optim.py) ---------------------
+# --- what compile_step relies on in torch.optim (mdparam/_torch_optim.py) ---------------------
 
 
 def test_compile_step_runs_every_step_hook_once_in_torchs_order():
@@ -185,7 +185,7 @@ def test_compile_step_runs_every_step_hook_once_in_torchs_order():
 def test_the_undecorated_step_runs_no_hooks_and_schedulers_see_the_step():
     import warnings
 
-    from mdparam.torch_optim import undecorated_step
+    from mdparam._torch_optim import undecorated_step
 
     model = tiny_gpt()
     mdparam.register(model)

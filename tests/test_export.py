@@ -20,12 +20,12 @@ from torch import nn
 
 import export
 import mdparam
-import mdparam.convert
+import mdparam._convert
 from examples.gpt import GPT
 from export import convert
 from export.convert import main as export_main
-from mdparam.safetensors_read import read_header
-from mdparam.safetensors_write import (
+from mdparam._safetensors_read import read_header
+from mdparam._safetensors_write import (
     DTYPE_NAMES,
     INDEX_NAME,
     pack_shards,
@@ -245,7 +245,7 @@ def test_a_killed_writer_leaves_the_previous_file_intact(tmp_path):
     script = textwrap.dedent(
         f"""
         import time, torch
-        from mdparam.safetensors_write import write_file
+        from mdparam._safetensors_write import write_file
         def produce(name):
             time.sleep(0.05)
             return torch.ones(1 << 20)
@@ -393,9 +393,9 @@ def test_the_converter_lives_in_the_package_and_export_is_not_installed():
     assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["mdparam*"]
     target = project["project"]["scripts"]["mdparam-export"]
     module, _, func = target.partition(":")
-    assert getattr(__import__(module, fromlist=[func]), func) is mdparam.convert.main
+    assert getattr(__import__(module, fromlist=[func]), func) is mdparam._convert.main
     # the checkout's export/ folder is only an entry point onto the same functions
-    assert export.convert is mdparam.convert.convert and export_main is mdparam.convert.main
+    assert export.convert is mdparam._convert.convert and export_main is mdparam._convert.main
 
 
 def test_the_mdparam_export_command_converts_outside_the_checkout(tmp_path):
@@ -511,7 +511,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
-    from mdparam.safetensors_write import write_file, write_sharded
+    from mdparam._safetensors_write import write_file, write_sharded
     target, kind, ready, go = sys.argv[1:]
     def produce(name):  # t0 is handed to the writer thread, then t1 waits for "go"
         if name == "t1":

@@ -10,9 +10,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import mdparam
-from mdparam.forward import factored_is_cheaper
-from mdparam.gains import GAINS
-from mdparam.maps import GAIN_MAPS
+from mdparam._forward import factored_is_cheaper
+from mdparam._gains import GAINS
+from mdparam._maps import GAIN_MAPS
 
 
 def _layer(bias: bool = True) -> nn.Sequential:
@@ -39,7 +39,7 @@ def test_factored_equals_formed_values_and_gradients(gains, sphere, gain_map):
                 g.add_(torch.rand_like(g) * 0.5)
     factored = copy.deepcopy(formed)
     for e in mdparam.registered(factored):
-        mdparam.forward.install_forward(e.module, "factored")
+        mdparam._forward.install_forward(e.module, "factored")
     x = torch.randn(3, 5, 24)
     y1, g1 = _grads(formed, x)
     y2, g2 = _grads(factored, x)

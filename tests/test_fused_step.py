@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from conftest import tiny_gpt
 
 import mdparam
-from mdparam.fused_weights import StaleWeightError
-from mdparam.parametrization import fuse
+from mdparam._fused_weights import StaleWeightError
+from mdparam._parametrization import fuse
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mdparam
-from mdparam.maps import GAIN_MAPS, gain_map_of, gain_map_op
-from mdparam.parametrization import MDConfig, ScaleRowsCols, fuse
+from mdparam._maps import GAIN_MAPS, gain_map_of, gain_map_op
+from mdparam._parametrization import MDConfig, ScaleRowsCols, fuse
 
 
 def test_scale_rows_cols_gradients_match_autograd():

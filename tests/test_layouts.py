@@ -4,7 +4,7 @@ stored dim becomes."""
 import pytest
 import torch
 
-from mdparam.layouts import LAYOUTS, layout_of
+from mdparam._layouts import LAYOUTS, layout_of
 
 CASES = [
     ("linear", (5, 3)),

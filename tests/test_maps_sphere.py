@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdparam.maps import GAIN_MAPS, gain_map_of
-from mdparam.sphere import resolve_radius, sphere_of
+from mdparam._maps import GAIN_MAPS, gain_map_of
+from mdparam._sphere import resolve_radius, sphere_of
 
 
 @pytest.mark.parametrize(

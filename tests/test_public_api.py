@@ -28,8 +28,8 @@ def test_the_deprecated_alias_module_is_gone():
 
 def test_tensor_parallelism_loads_only_when_asked_for():
     code = (
-        "import sys, mdparam; a = 'mdparam.tensor_parallel' in sys.modules; "
-        "mdparam.parallelize_module; print(a, 'mdparam.tensor_parallel' in sys.modules)"
+        "import sys, mdparam; a = 'mdparam._tensor_parallel' in sys.modules; "
+        "mdparam.parallelize_module; print(a, 'mdparam._tensor_parallel' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]

@@ -10,9 +10,9 @@ from conftest import rel_err, sphere_error, tiny_gpt
 from torch import nn
 
 import mdparam
-from mdparam.clipping import fused_grad_norm
-from mdparam.maps import gain_map_of
-from mdparam.optim import muon_param_groups
+from mdparam._clipping import fused_grad_norm
+from mdparam._maps import gain_map_of
+from mdparam._optim import muon_param_groups
 
 
 def _batch(seed=0, vocab=64, t=16):

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mdparam
-from mdparam.gains import GAINS, gain_kind_of
-from mdparam.maps import GAIN_MAPS
-from mdparam.sphere import SPHERES, sphere_of
+from mdparam._gains import GAINS, gain_kind_of
+from mdparam._maps import GAIN_MAPS
+from mdparam._sphere import SPHERES, sphere_of
 
 COMBOS = list(itertools.product(GAINS, SPHERES, GAIN_MAPS))
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -74,7 +74,7 @@ def test_sphere_init_starts_with_unit_gains_and_projected_direction(gain_map):
     w = model.blocks[0].mlp.up.weight.detach().clone()
     mdparam.register(model, init="sphere", gain_map=gain_map)
     plist = model.blocks[0].mlp.up.parametrizations.weight
-    from mdparam.maps import gain_map_of
+    from mdparam._maps import gain_map_of
 
     for g in (plist.original1, plist.original2):
         assert torch.allclose(gain_map_of(gain_map)(g.detach()), torch.ones_like(g))

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import mdparam
-from mdparam.layouts import layout_of
-from mdparam.retraction import relative_step_
-from mdparam.sphere import sphere_of
+from mdparam._layouts import layout_of
+from mdparam._retraction import relative_step_
+from mdparam._sphere import sphere_of
 
 FLAT, LINEAR = sphere_of("flat"), layout_of("linear")
 

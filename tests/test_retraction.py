@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 import mdparam
-from mdparam.layouts import layout_of
-from mdparam.retraction import RetractionGroups, retract_
-from mdparam.sphere import sphere_of
+from mdparam._layouts import layout_of
+from mdparam._retraction import RetractionGroups, retract_
+from mdparam._sphere import sphere_of
 
 
 def test_retraction_restores_every_sphere_kind():

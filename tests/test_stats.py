@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import mdparam
-from mdparam.maps import gain_map_of
+from mdparam._maps import gain_map_of
 
 
 def trained_step(model, opt, seed):

@@ -3,7 +3,7 @@ import torch
 from conftest import byte_batches, sphere_error, tiny_gpt
 
 import mdparam
-from mdparam.optim import muon_param_groups, split_params
+from mdparam._optim import muon_param_groups, split_params
 
 
 @pytest.mark.parametrize("sphere", ["flat", "row"])

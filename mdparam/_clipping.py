@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distributed import is_sharded, local_radius, pieces
-from .kinds import check_choice
-from .parametrization import gain_magnitudes
-from .tree import Registered, full_tensor, registered, unique_directions
+from ._distributed import is_sharded, local_radius, pieces
+from ._kinds import check_choice
+from ._parametrization import gain_magnitudes
+from ._tree import Registered, full_tensor, registered, unique_directions
 
 __all__ = ["CLIP_SCOPES", "clip_grad_norm_", "fused_grad_norm", "grad_norm"]
 
@@ -135,13 +135,13 @@ def clip_grad_norm_(
     Under FSDP2 and tensor parallelism call it on every rank: the norm is
     global (one all-reduce).
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         >>> _ = mdparam.register(model, init="sphere")
         >>> model(torch.randn(4, 8)).square().sum().mul(100).backward()
         >>> before = mdparam.clip_grad_norm_(model, 1.0)
-        >>> from mdparam.clipping import fused_grad_norm
+        >>> from mdparam._clipping import fused_grad_norm
         >>> bool(before > 1), round(float(fused_grad_norm(model)), 4)
         (True, 1.0)
     """

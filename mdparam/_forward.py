@@ -21,8 +21,8 @@ import types
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kinds import check_choice
-from .tree import originals
+from ._kinds import check_choice
+from ._tree import originals
 
 __all__ = [
     "FORWARDS",

@@ -1,7 +1,7 @@
 """Which layer kinds mdparam can decouple: the tensor(s) of each, their layout, their defaults.
 
 An adapter maps a module type to the tensors it decouples and the layout of
-each (see :mod:`mdparam.layouts`), plus options that suit that kind of layer.
+each (see :mod:`mdparam._layouts`), plus options that suit that kind of layer.
 Built in:
 
 ==============================  ===============================  ==========================
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layouts import layout_of
-from .options import OPTION_NAMES, Options
+from ._layouts import layout_of
+from ._options import OPTION_NAMES, Options
 
 __all__ = ["Adapter", "adapter_for", "register_adapter"]
 
@@ -42,7 +42,7 @@ class Adapter:
 
     :func:`mdparam.register_adapter` makes one and returns it.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> class Gate(torch.nn.Module):  # keeps its matrix as "kernel"
         ...     def __init__(self):
@@ -97,10 +97,10 @@ def register_adapter(
             ``"transposed"`` (in, out), ``"flatten_in"`` (out, in, *kernel),
             ``"batched"`` (*batch, out, in).
         **defaults: register options for this kind (fields of
-            :class:`mdparam.options.Options`), used unless the call to
+            :class:`mdparam._options.Options`), used unless the call to
             :func:`mdparam.register` sets them.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> class Scaled(torch.nn.Module):  # a custom layer keeping its matrix as "kernel"
         ...     def __init__(self):

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .gains import GainKind, gain_kind_of
-from .kinds import check_choice
-from .layouts import Layout, layout_of
-from .maps import GainMap, gain_map_of
-from .sphere import Sphere, sphere_of
+from ._gains import GainKind, gain_kind_of
+from ._kinds import check_choice
+from ._layouts import Layout, layout_of
+from ._maps import GainMap, gain_map_of
+from ._sphere import Sphere, sphere_of
 
 __all__ = [
     "FusedWeight",
@@ -52,7 +52,7 @@ class MDConfig:
     ``radius`` is a number, or None when the radius is a tensor kept beside
     the originals (``radius="init"``).
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> layer = torch.nn.Linear(4, 3)
         >>> _ = mdparam.register(layer)
@@ -117,7 +117,7 @@ def gain_magnitudes(
     raw_gains: tuple[Tensor, ...], config: MDConfig, *, traced: bool = False
 ) -> tuple[Tensor, ...]:
     """phi of each raw gain, shaped to broadcast against the matrix view, row factor first
-    (``traced``: see :meth:`mdparam.gains.GainKind.magnitudes`)."""
+    (``traced``: see :meth:`mdparam._gains.GainKind.magnitudes`)."""
     g = config.geometry
     return g.gains.magnitudes(tuple(raw_gains), g.gain_map, traced=traced)
 
@@ -139,7 +139,7 @@ def fuse(
     kernels, instead of operations inductor fuses: faster cold compiles,
     usually slower steps (``register(fuse="opaque")``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> cfg = MDConfig("rowcol", "flat", "identity", "linear", (2, 3), 1.0)
         >>> D = torch.ones(2, 3)
@@ -266,7 +266,7 @@ class MagnitudeDirection(nn.Module):
 
     Use :func:`mdparam.register` rather than building this by hand.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.nn.utils import parametrize
         >>> lin = torch.nn.Linear(4, 3)
@@ -290,7 +290,7 @@ class MagnitudeDirection(nn.Module):
         # register()'s radius_scale: the optimizer helpers scale this direction's LR by it.
         self.radius_scale = 1.0
         self.opaque_fuse = False  # register(fuse="opaque"): see fuse()
-        self.forward_mode = "formed"  # register(forward=...): see mdparam.forward
+        self.forward_mode = "formed"  # register(forward=...): see mdparam._forward
         self._assigning = "preserve"  # how right_inverse splits a weight; see assigning()
         # The fused step (mdparam.FusedWeights): W kept as a Parameter the forward returns.
         self.fused: FusedWeight | None = None

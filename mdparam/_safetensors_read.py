@@ -17,7 +17,7 @@ closed: there each tensor is copied out of the map, and resident memory grows
 by the file's pages read so far (clean page cache the kernel can reclaim, but
 counted in the process's RSS).
 
-Writing is hand-written, to stream: :mod:`mdparam.safetensors_write`.
+Writing is hand-written, to stream: :mod:`mdparam._safetensors_write`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .safetensors_write import DTYPE_NAMES, INDEX_NAME
+from ._safetensors_write import DTYPE_NAMES, INDEX_NAME
 
 __all__ = ["CheckpointReader", "SafetensorsFormatError", "TensorEntry", "read_header"]
 

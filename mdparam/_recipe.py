@@ -24,16 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .clipping import CLIP_SCOPES, clip_grad_norm_
-from .distributed import is_sharded
-from .fused_math import AdamHyper, MuonHyper
-from .fused_optim import FusedMDOptimizer
-from .fused_weights import FusedWeights
-from .kinds import Kinds, check_choice
-from .optim import GAIN_LR, MUON_OTHER_LR, muon_pair, param_groups
-from .register import register, remove
-from .retraction import Retraction
-from .tree import registered
+from ._clipping import CLIP_SCOPES, clip_grad_norm_
+from ._distributed import is_sharded
+from ._fused_math import AdamHyper, MuonHyper
+from ._fused_optim import FusedMDOptimizer
+from ._fused_weights import FusedWeights
+from ._kinds import Kinds, check_choice
+from ._optim import GAIN_LR, MUON_OTHER_LR, muon_pair, param_groups
+from ._register import register, remove
+from ._retraction import Retraction
+from ._tree import registered
 
 __all__ = [
     "BASE_OPTIMIZERS",
@@ -71,7 +71,7 @@ class Recipe:
             the forward, as with any optimizer).
         fallback: why the fused step was asked for but not used (None if it was).
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         >>> train = mdparam.recipe(model, "adamw", lr=0.01, steps=100, compile=False)
@@ -320,26 +320,33 @@ def recipe(
         lr: the hidden directions' LR: their relative step per step with Muon,
             and with AdamW when ``relative_step`` (else a per-element step).
         steps: the run's length: linear decay to 0, no warmup (None: constant).
-        gain_lr, other_lr: AdamW's LRs for the raw gains and for everything
-            else (embeddings, norms, biases, head); ``other_lr=None`` takes
-            the base optimizer's own: 1e-2 with Muon, 3e-2 with AdamW.
+        gain_lr: AdamW's LR for the raw gains.
+        other_lr: AdamW's LR for everything else (embeddings, norms, biases,
+            head); None takes the base optimizer's own: 1e-2 with Muon, 3e-2
+            with AdamW.
         relative_step: AdamW only: the hidden directions step by ``lr x R``.
-        clip, clip_scope: gradient-norm limit (None: off), on the fused
-            weights (``"fused"``) or on all leaves (``"all"``).
+        clip: the gradient-norm limit (None: off).
+        clip_scope: what ``clip`` measures: the fused weights (``"fused"``)
+            or all leaves (``"all"``).
         head: a glob naming the output layer (``"lm_head"``), never given to Muon.
-        head_mode, embeddings: ``"plain"``, or a unit row sphere (``"sphere"``;
-            ``head_mode="sphere-gains"`` adds gains); None: the base optimizer's.
+        head_mode: the head ``"plain"``, on a unit row sphere (``"sphere"``),
+            or on one with gains (``"sphere-gains"``); None: the base optimizer's.
+        embeddings: ``"plain"`` or a unit row sphere (``"sphere"``); None:
+            the base optimizer's.
         radius_scale: ``{module glob: factor}``: a smaller sphere and step
             (the authors: residual output projections by 1/sqrt(2 * n_layers)).
         init: how the hidden matrices start, ``"sphere"`` (the paper's) or
             ``"preserve"``; embeddings and head on a unit sphere start on it.
-        include, exclude: as in :func:`mdparam.register`.
-        muon_options, adamw_options: more keyword arguments for the optimizers.
-        fused, compile: the fused step (docs/guides/from-scratch.md), compiled
-            (``compile=False``: eager). Where it cannot train the model, the
-            recipe warns once, says why in ``repr`` and forms W in the forward.
+        include: which layers, as in :func:`mdparam.register`.
+        exclude: which layers not, as in :func:`mdparam.register`.
+        muon_options: more keyword arguments for Muon.
+        adamw_options: more keyword arguments for AdamW.
+        fused: the fused step (docs/guides/from-scratch.md). Where it cannot
+            train the model, the recipe warns once, says why in ``repr`` and
+            forms W in the forward.
+        compile: compile the step (``False``: eager).
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
         >>> train = mdparam.recipe(model, "adamw", lr=0.02, steps=100)
@@ -512,7 +519,7 @@ def register_for_recipe(
     :func:`mdparam.parallelize_module` -> :func:`recipe` with the same
     ``head`` (it uses the registration it finds). Arguments as in :func:`recipe`.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         >>> mdparam.register_for_recipe(model, "adamw")

@@ -1,7 +1,7 @@
 """Putting the parametrization on a module tree, taking it off, re-initialising it.
 
 :func:`register` runs in three steps: *plan* (walk the tree, pick the layers,
-resolve each layer's :class:`~mdparam.options.Options`, decide what to do with tied
+resolve each layer's :class:`~mdparam._options.Options`, decide what to do with tied
 weights), *validate* (every planned tensor, before anything changes) and
 *apply* (parametrize each, undoing all of it if one fails).
 """
@@ -17,16 +17,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .adapters import adapter_for
-from .forward import install_forward, uninstall_forward
-from .fused_weights import refresh_kept
-from .gains import gain_kind_of
-from .kinds import check_choice
-from .layouts import layout_of
-from .options import DEFAULTS, OPTION_NAMES, Options
-from .parametrization import MagnitudeDirection, MDConfig, absorb_hint
-from .sphere import resolve_radius, sphere_of
-from .tree import (
+from ._adapters import adapter_for
+from ._forward import install_forward, uninstall_forward
+from ._fused_weights import refresh_kept
+from ._gains import gain_kind_of
+from ._kinds import check_choice
+from ._layouts import layout_of
+from ._options import DEFAULTS, OPTION_NAMES, Options
+from ._parametrization import MagnitudeDirection, MDConfig, absorb_hint
+from ._sphere import resolve_radius, sphere_of
+from ._tree import (
     check_not_wrapped,
     md_parametrization,
     original_name,
@@ -333,31 +333,40 @@ def register(
 
     Args:
         model: any nn.Module tree.
-        gains, sphere, radius, radius_scale, gain_map, init, fuse, forward: the
-            options of every layer (:class:`mdparam.options.Options` says what each
-            means). None leaves a layer kind's own default (embeddings: row
-            sphere, row gains), then the global one: ``gains="rowcol"``,
-            ``sphere="flat"``, ``radius="shape"``, ``gain_map="softplus"``,
-            ``init="preserve"`` (the same function right after registration;
-            :func:`mdparam.recipe` is the path that trains from scratch with the
-            paper's start, ``init="sphere"``), ``fuse="traced"``,
-            ``forward="formed"``.
-        include, exclude: which layers, among the supported ones: a glob on
-            the module's or the tensor's qualified name (``"blocks.*.attn.*"``),
-            a list of globs, or a predicate ``(name, module) -> bool``.
+        gains: which raw gains: ``"rowcol"`` (default), ``"row"``, ``"col"``,
+            ``"scalar"`` or ``"none"``.
+        sphere: ``"flat"`` (default; ||D||_F = R), ``"row"`` or ``"col"``
+            (each row or column on its own sphere).
+        radius: ``"shape"`` (default), ``"init"`` or a positive number.
+        radius_scale: a factor on that radius; the optimizer helpers scale the
+            direction's learning rate by it too.
+        gain_map: phi: ``"softplus"`` (default), ``"identity"`` or ``"exp"``.
+        init: ``"preserve"`` (default: the same function right after
+            registration) or ``"sphere"`` (the paper's start: the projected
+            weight, every phi = 1; :func:`mdparam.recipe` trains from there).
+        fuse: ``"traced"`` (default: torch.compile traces the fuse) or
+            ``"opaque"`` (one opaque op: faster cold compiles, slower steps).
+        forward: for nn.Linear, ``"formed"`` (default: W formed, then torch's
+            linear), ``"factored"`` (W never formed) or ``"auto"``.
+            For every option above, None leaves a layer kind's own default
+            (embeddings: row sphere, row gains), then the default named.
+        include: which layers, among the supported ones: a glob on the
+            module's or the tensor's qualified name (``"blocks.*.attn.*"``), a
+            list of globs, or a predicate ``(name, module) -> bool``.
+        exclude: which layers not, in the same forms as ``include``.
         tied: a weight that is the same Parameter as another (a head tied to
             the embedding): ``"skip"`` leaves it plain and warns; ``"share"``
             parametrizes every holder with one direction and one set of gains;
             ``"error"`` raises.
         layers: module types and/or globs on module names, or ``"all"`` for
-            every kind mdparam knows (:mod:`mdparam.adapters`).
+            every kind mdparam knows (:mod:`mdparam._adapters`).
         overrides: ``{type or name glob: {option: value}}`` for the options
             this call leaves at None (e.g. ``{"*.attn.o": {"radius_scale": 0.2}}``).
 
     Returns:
         The qualified names of the tensors now parametrized.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
         >>> x = torch.randn(3, 8)
@@ -447,7 +456,7 @@ def remove(model: nn.Module) -> list[str]:
     Returns:
         The qualified names of the tensors that were fused.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> _ = mdparam.register(model)
@@ -491,7 +500,7 @@ def reinitialize(model: nn.Module, fn: Callable[[nn.Module], None] | None = None
     This is also the meta-device path: build on ``"meta"``, ``register``,
     ``model.to_empty(device=...)``, then ``reinitialize(model)``.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> with torch.device("meta"):
         ...     model = torch.nn.Sequential(torch.nn.Linear(8, 8))

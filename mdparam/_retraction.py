@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .distributed import norm_strategy
-from .layouts import Layout
-from .sphere import Sphere, norm_dtype
-from .tree import registered, unique_directions
+from ._distributed import norm_strategy
+from ._layouts import Layout
+from ._sphere import Sphere, norm_dtype
+from ._tree import registered, unique_directions
 
 __all__ = [
     "RelativeStep",
@@ -53,7 +53,7 @@ def _relative_indices(selector: bool | Selector, names: list[str]) -> list[int]:
 class RetractionError(FloatingPointError):
     """A direction had a zero or non-finite norm, so it could not be rescaled.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> _ = mdparam.register(model)
@@ -107,11 +107,11 @@ class RetractionGroups:
     between, of the loop in :func:`retract_`. Row and column spheres, and
     batched matrices, keep the per-tensor path.
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from mdparam.layouts import layout_of
-        >>> from mdparam.retraction import RetractionGroups
-        >>> from mdparam.sphere import sphere_of
+        >>> from mdparam._layouts import layout_of
+        >>> from mdparam._retraction import RetractionGroups
+        >>> from mdparam._sphere import sphere_of
         >>> ts = [torch.randn(4, 4), torch.randn(2, 3, 3), torch.randn(4, 4)]
         >>> spheres = [sphere_of(s) for s in ("flat", "flat", "row")]
         >>> layouts = [layout_of(n) for n in ("linear", "batched", "linear")]
@@ -251,7 +251,7 @@ class Retraction:
     so re-reads them from memory (docs/guides/trained-weights.md, "Retraction", has the
     measurements). bf16/fp16 directions are normed and rescaled in fp32.
     Under FSDP2 the norms of sharded directions are reduced across ranks
-    (:class:`mdparam.distributed.ShardedNorms`).
+    (:class:`mdparam._distributed.ShardedNorms`).
 
     Build it after :func:`mdparam.register` and call it after every optimizer
     step, or let :meth:`attach` do that.
@@ -274,7 +274,7 @@ class Retraction:
     :class:`RetractionError` naming the layers; the check reads one flag back
     from the device per call, which ``check=False`` avoids on a GPU.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> _ = mdparam.register(model)

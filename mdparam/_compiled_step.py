@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .retraction import Retraction
-from .torch_optim import mark_stepped, undecorated_step, with_step_hooks
+from ._retraction import Retraction
+from ._torch_optim import mark_stepped, undecorated_step, with_step_hooks
 
 __all__ = ["CompiledStep", "compile_step", "tensor_lrs"]
 
@@ -160,7 +160,7 @@ def compile_step(
     default on the CPU, where that graph measured slower) runs right after
     the compiled step, before the optimizer's post-step hooks.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> _ = mdparam.register(model)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .parametrization import MDConfig, fuse
-from .version import __version__
+from ._parametrization import MDConfig, fuse
+from ._version import __version__
 
 __all__ = [
     "FORMAT_VERSION",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tree import registered
+from ._tree import registered
 
 __all__ = [
     "GAIN_LR",
@@ -80,7 +80,7 @@ def param_groups(
             AdamW half of a Muon setup).
         **group_options: extra keys put in every group (e.g. ``betas``).
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> _ = mdparam.register(model)
@@ -214,7 +214,7 @@ def muon_optimizers(
     ``mdparam.recipe(model, "muon", ...)`` builds its optimizers with the same
     code and defaults (and keeps embeddings and head on row spheres besides).
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
         >>> _ = mdparam.register(model)

@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from .tree import full_tensor, registered, unique_directions, unwrap
+from ._tree import full_tensor, registered, unique_directions, unwrap
 
 __all__ = ["Stats", "stats"]
 
@@ -49,7 +49,7 @@ def stats(
     plain attribute, not in its ``state_dict``), so it goes with the model.
     :class:`Stats` keeps the record in an object you hold instead.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> _ = mdparam.register(model, init="sphere")
@@ -69,7 +69,7 @@ def stats(
 class Stats:
     """:func:`stats` with its record of the previous directions held here, not in a global table.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> _ = mdparam.register(model, init="sphere")

@@ -6,7 +6,7 @@ positive, linear for large values); ``exp`` is positive and multiplicative;
 ``identity`` lets a gain change sign. Each is a :class:`GainMap`, callable
 as phi; names are resolved once, at the API's edge, with :data:`gain_map_of`.
 
-Example:
+Examples:
     >>> import torch
     >>> softplus = gain_map_of("softplus")
     >>> softplus(softplus.inverse(torch.tensor([0.5, 2.0])))
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kinds import Kinds
+from ._kinds import Kinds
 
 __all__ = [
     "GAIN_MAPS",

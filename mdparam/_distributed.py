@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layouts import Layout
-from .sphere import Sphere
+from ._layouts import Layout
+from ._sphere import Sphere
 
 __all__ = [
     "LocalNorms",

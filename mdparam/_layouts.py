@@ -18,7 +18,7 @@ in-place work must be written back (:meth:`Layout.write_back`).
 Names are resolved once, at the API's edge, with :data:`layout_of`; inside,
 everything takes the :class:`Layout` object.
 
-Example:
+Examples:
     >>> import torch
     >>> conv = layout_of("flatten_in")
     >>> conv.to_matrix(torch.zeros(8, 3, 5, 5)).shape
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from einops import rearrange
 from torch import Tensor
 
-from .kinds import Kinds
+from ._kinds import Kinds
 
 __all__ = ["LAYOUTS", "Layout", "layout_of"]
 

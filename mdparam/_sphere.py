@@ -1,10 +1,10 @@
 """Spheres that hold the direction D, and the policies that pick their radius.
 
 Each kind is a :class:`Sphere`, whose methods take the *matrix view*
-(..., d_out, d_in) of a tensor (see :mod:`mdparam.layouts`). Names are
+(..., d_out, d_in) of a tensor (see :mod:`mdparam._layouts`). Names are
 resolved once, at the API's edge, with :data:`sphere_of`.
 
-Example:
+Examples:
     >>> import torch
     >>> row = sphere_of("row")
     >>> d = row.project(torch.randn(3, 4), 2.0)
@@ -38,8 +38,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from .gains import GainKind, gain_kind_of
-from .kinds import Kinds, check_choice
+from ._gains import GainKind, gain_kind_of
+from ._kinds import Kinds, check_choice
 
 __all__ = [
     "RADIUS_POLICIES",

@@ -2,7 +2,7 @@
 
 A field left at None means "not set here": per layer, the call's own values
 win, then ``overrides=`` (later entries first), then the layer kind's
-defaults (:mod:`mdparam.adapters`), then :data:`DEFAULTS`.
+defaults (:mod:`mdparam._adapters`), then :data:`DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .forward import FORWARDS
-from .gains import gain_kind_of
-from .kinds import check_choice
-from .maps import gain_map_of
-from .sphere import RADIUS_POLICIES, resolve_radius, sphere_of
+from ._forward import FORWARDS
+from ._gains import gain_kind_of
+from ._kinds import check_choice
+from ._maps import gain_map_of
+from ._sphere import RADIUS_POLICIES, resolve_radius, sphere_of
 
 __all__ = ["DEFAULTS", "FUSES", "INITS", "OPTION_NAMES", "Options"]
 
@@ -33,7 +33,7 @@ class Options:
     - ``sphere``: ``"flat"`` (||D||_F = R), ``"row"`` or ``"col"`` (each row or
       column on its own sphere).
     - ``radius``: ``"shape"``, ``"init"`` or a positive number (see
-      :mod:`mdparam.sphere`).
+      :mod:`mdparam._sphere`).
     - ``radius_scale``: a factor on that radius; the optimizer helpers scale
       the direction's learning rate by it too.
     - ``gain_map``: phi, ``"softplus"``, ``"identity"`` or ``"exp"``.
@@ -45,7 +45,7 @@ class Options:
     - ``forward`` (nn.Linear): ``"formed"`` (W formed, then torch's linear),
       ``"factored"`` (y = phi(r) * ((x * phi(c)) @ D^T), W never formed) or
       ``"auto"`` (the cheaper of the two for the tokens of each call; see
-      :mod:`mdparam.forward`).
+      :mod:`mdparam._forward`).
     """
 
     gains: str | None = None

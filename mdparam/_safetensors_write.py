@@ -10,7 +10,7 @@ exists and then dropped.
 Every kind of file written here (single, sharded, each dtype in
 :data:`DTYPE_NAMES`) loads with ``safetensors.torch.load_file``
 (tests/test_export.py). Reading goes through the library:
-:mod:`mdparam.safetensors_read`.
+:mod:`mdparam._safetensors_read`.
 """
 
 from __future__ import annotations

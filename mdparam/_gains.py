@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .kinds import Kinds
-from .maps import GainMap
+from ._kinds import Kinds
+from ._maps import GainMap
 
 __all__ = ["GAINS", "GainKind", "gain_kind_of"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint_format import (
+from ._checkpoint_format import (
     FusedSpec,
     check_kind,
     fuse_spec,
@@ -33,11 +33,11 @@ from .checkpoint_format import (
     plain_plan,
     training_metadata,
 )
-from .distributed import any_rank, is_sharded
-from .fused_weights import refresh_kept
-from .safetensors_read import CheckpointReader
-from .safetensors_write import atomic_path, pack_shards, write_file, write_sharded
-from .tree import clean_key, full_tensor, original_name, originals, registered, unwrap
+from ._distributed import any_rank, is_sharded
+from ._fused_weights import refresh_kept
+from ._safetensors_read import CheckpointReader
+from ._safetensors_write import atomic_path, pack_shards, write_file, write_sharded
+from ._tree import clean_key, full_tensor, original_name, originals, registered, unwrap
 
 __all__ = [
     "load_plain",
@@ -148,7 +148,7 @@ def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     and DDP (``module.``) wrappers are seen through. Tensors that are not
     fused are the model's own (detached), as in ``state_dict()``.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> _ = mdparam.register(model)
@@ -187,7 +187,7 @@ def save_plain(
     Under FSDP2 call it on every rank: all gather the full tensors, rank 0
     writes.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, mdparam, safetensors.torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> _ = mdparam.register(model)
@@ -226,7 +226,7 @@ def save_training(
     ``model.safetensors.index.json``. The optimizer's state is not included:
     save ``optimizer.state_dict()`` beside it.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> _ = mdparam.register(model)
@@ -317,7 +317,7 @@ def load_training(model: nn.Module, path: str | os.PathLike) -> None:
     The model must be registered with the same layers and options as the one
     that was saved; everything is checked before anything is copied.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, mdparam
         >>> model, other = (torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2))
         >>> _ = mdparam.register(model), mdparam.register(other)
@@ -372,7 +372,7 @@ def load_plain(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor
     directory, or an in-memory state dict. Every name and shape is checked,
     and every split computed, before anything in the model changes.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> pretrained = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))

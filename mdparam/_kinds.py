@@ -21,7 +21,7 @@ def check_choice(
 ) -> None:
     """Raise the one "unknown X" error unless ``value`` is one of ``choices``.
 
-    Example:
+    Examples:
         >>> check_choice("scope", "fused", ("fused", "all"))
         >>> check_choice("scope", "some", ("fused", "all"), where="mdparam.clip_grad_norm_")
         Traceback (most recent call last):
@@ -40,7 +40,7 @@ def check_choice(
 class Kinds(Generic[T]):
     """Objects of one family by name; ``kinds("row")`` (or ``kinds(obj)``) gives the object.
 
-    Example:
+    Examples:
         >>> class Colour:
         ...     def __init__(self, name): self.name = name
         >>> colours = Kinds("colour", Colour)

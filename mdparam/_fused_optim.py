@@ -1,7 +1,7 @@
 """The fused MD optimizer: the whole MD step from dL/dW, one compiled graph per dtype and device.
 
 :func:`mdparam.recipe` builds it (``fused=True``, the default); the maths is
-in :mod:`mdparam.fused_math`, the kept weights in :mod:`mdparam.fused_weights`.
+in :mod:`mdparam._fused_math`, the kept weights in :mod:`mdparam._fused_weights`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compiled_step import tensor_lrs
-from .fused_math import (
+from ._compiled_step import tensor_lrs
+from ._fused_math import (
     AdamHyper,
     MatrixSpec,
     MuonHyper,
@@ -24,10 +24,10 @@ from .fused_math import (
     early_sums,
     matrix_step,
 )
-from .fused_weights import FusedEntry, FusedWeights
-from .kinds import check_choice
-from .optim import muon_step_scale
-from .retraction import RetractionError
+from ._fused_weights import FusedEntry, FusedWeights
+from ._kinds import check_choice
+from ._optim import muon_step_scale
+from ._retraction import RetractionError
 
 __all__ = ["UPDATES", "FusedMDOptimizer"]
 
@@ -48,14 +48,14 @@ class FusedMDOptimizer(torch.optim.Optimizer):
 
     Build it through :func:`mdparam.recipe`; by hand it looks like this.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
-        >>> from mdparam.fused_weights import FusedWeights
+        >>> from mdparam._fused_weights import FusedWeights
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
         >>> _ = mdparam.register(model, init="sphere")
         >>> kept = FusedWeights(model)
         >>> e = kept.entries[0]
-        >>> from mdparam.fused_optim import FusedMDOptimizer
+        >>> from mdparam._fused_optim import FusedMDOptimizer
         >>> opt = FusedMDOptimizer(kept, [
         ...     {"params": [e.direction], "lr": 0.05, "mdparam_role": "direction",
         ...      "update": "adamw", "relative": True},
@@ -334,7 +334,7 @@ def _block_of(name: str) -> str:
 
 def _chunk_sums(mats: list[tuple], others: list[tuple]) -> tuple[Tensor, list[list[Tensor]]]:
     """Before the clipping factor is known: the chunk's sum of squared gradients, and each
-    matrix's gain sums (:func:`mdparam.fused_math.early_sums`)."""
+    matrix's gain sums (:func:`mdparam._fused_math.early_sums`)."""
     squares, early = torch.zeros((), dtype=torch.float32, device=_device(mats, others)), []
     for _w, g, d, gains, *_state, spec in mats:
         sq, sums = early_sums(g, d, gains, spec)

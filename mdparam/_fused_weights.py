@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .parametrization import FusedWeight, MagnitudeDirection, fuse
-from .tree import Registered, originals, registered, unique_directions, unwrap
+from ._parametrization import FusedWeight, MagnitudeDirection, fuse
+from ._tree import Registered, originals, registered, unique_directions, unwrap
 
 __all__ = ["FusedEntry", "FusedWeights", "StaleWeightError", "refresh_kept"]
 
@@ -50,9 +50,9 @@ class FusedEntry:
 class FusedWeights:
     """Put a registered model in fused-weight mode; :meth:`leave` puts it back.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
-        >>> from mdparam.fused_weights import FusedWeights
+        >>> from mdparam._fused_weights import FusedWeights
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
         >>> _ = mdparam.register(model)
         >>> fused = FusedWeights(model)

@@ -18,7 +18,7 @@ Written so that inductor reads each large tensor as few times as it can:
 - the new moments are computed twice, once for those sums and once where
   they are written, instead of stored in between.
 
-:mod:`mdparam.fused_optim` holds the optimizer around these functions.
+:mod:`mdparam._fused_optim` holds the optimizer around these functions.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .parametrization import MDConfig, gain_magnitudes
+from ._parametrization import MDConfig, gain_magnitudes
 
 __all__ = ["AdamHyper", "MatrixSpec", "MuonHyper", "adam_", "clip_coefficient", "matrix_step"]
 

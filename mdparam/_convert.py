@@ -9,7 +9,7 @@ fuses each parametrized tensor with the library's own formula
 same header as ``mdparam.save_plain``. The model's class is never imported
 or built: the header says how each tensor is parametrized. Peak memory is
 about one tensor (with safetensors >= 0.8): each is read on its own through
-``safetensors.safe_open`` (see :mod:`mdparam.safetensors_read`), fused in
+``safetensors.safe_open`` (see :mod:`mdparam._safetensors_read`), fused in
 place, written, and dropped.
 """
 
@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint_format import (
+from ._checkpoint_format import (
     FusedSpec,
     fuse_spec,
     parse_training_metadata,
     plain_metadata,
     plain_plan,
 )
-from .safetensors_read import CheckpointReader, SafetensorsFormatError
-from .safetensors_write import INDEX_NAME, atomic_path, write_file, write_sharded
+from ._safetensors_read import CheckpointReader, SafetensorsFormatError
+from ._safetensors_write import INDEX_NAME, atomic_path, write_file, write_sharded
 
 __all__ = ["DTYPES", "convert", "main", "refuse_input_as_output"]
 
@@ -61,7 +61,7 @@ def convert(
 
     >>> import shutil, tempfile, torch, safetensors.torch, mdparam
     >>> from pathlib import Path
-    >>> from mdparam.convert import convert
+    >>> from mdparam._convert import convert
     >>> work = Path(tempfile.mkdtemp())
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     >>> _ = mdparam.register(model)

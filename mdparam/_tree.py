@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .parametrization import MagnitudeDirection, MDConfig
+from ._parametrization import MagnitudeDirection, MDConfig
 
 __all__ = [
     "Registered",
@@ -48,7 +48,7 @@ def originals(plist: nn.Module) -> tuple[Tensor, ...]:
 class Registered:
     """One parametrized tensor: where it lives and how it is parametrized.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
         >>> _ = mdparam.register(model)
@@ -98,7 +98,7 @@ def registered(model: nn.Module) -> list[Registered]:
     ``_orig_mod.``). A tensor shared by several modules (``tied="share"``)
     appears once per module.
 
-    Example:
+    Examples:
         >>> import torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> _ = mdparam.register(model)

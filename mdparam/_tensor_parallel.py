@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 from torch.distributed.tensor.parallel import parallelize_module as _torch_parallelize
 
-from .tree import md_parametrization, original_name, registered
+from ._tree import md_parametrization, original_name, registered
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
 
