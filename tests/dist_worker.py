@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import FusedExperts, sphere_error, tiny_gpt
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import FusedExperts, sphere_error, tiny_gpt  # noqa: E402
-
-import mdparam  # noqa: E402
+import mdparam
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 16, 64
 CLIP = 0.3

@@ -199,8 +199,7 @@ def test_compiled_and_ddp_wrappers_are_seen_through():
     assert set(sd) == set(fresh_plain(model).state_dict())
     script = textwrap.dedent(
         """
-        import os, sys, torch, torch.distributed as dist
-        sys.path.insert(0, "tests"); sys.path.insert(0, ".")
+        import torch, torch.distributed as dist
         from conftest import tiny_gpt
         import mdparam
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port
@@ -213,8 +212,10 @@ def test_compiled_and_ddp_wrappers_are_seen_through():
         dist.destroy_process_group()
         """
     )
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
     )
     assert "EQUAL True" in out.stdout, out.stderr
 
