@@ -1,7 +1,7 @@
 """Which layer kinds mdparam can decouple: the tensor(s) of each, their layout, their defaults.
 
 An adapter maps a module type to the tensors it decouples and the layout of
-each (see :mod:`mdparam._layouts`), plus options that suit that kind of layer.
+each (see ``mdparam._layouts``), plus options that suit that kind of layer.
 Built in:
 
 ==============================  ===============================  ==========================
@@ -19,8 +19,8 @@ fused MoE experts               gate_up_proj, down_proj          (the global opt
 that hold 3-D parameters ``gate_up_proj`` and ``down_proj`` of shape
 (experts, out, in), as transformers' Mixtral and Qwen-MoE layers do.
 
-:func:`mdparam.register` decouples only nn.Linear unless asked
-(``layers=[...]``). Add your own layer kind with :func:`register_adapter`.
+``mdparam.register`` decouples only nn.Linear unless asked
+(``layers=[...]``). Add your own layer kind with ``register_adapter``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = ["Adapter", "adapter_for", "register_adapter"]
 class Adapter:
     """The tensors of one layer kind, ``((tensor_name, layout), ...)``, and its default options.
 
-    :func:`mdparam.register_adapter` makes one and returns it.
+    ``mdparam.register_adapter`` makes one and returns it.
 
     Examples:
         >>> import torch, mdparam
@@ -97,8 +97,8 @@ def register_adapter(
             ``"transposed"`` (in, out), ``"flatten_in"`` (out, in, *kernel),
             ``"batched"`` (*batch, out, in).
         **defaults: register options for this kind (fields of
-            :class:`mdparam._options.Options`), used unless the call to
-            :func:`mdparam.register` sets them.
+            ``mdparam._options.Options``), used unless the call to
+            ``mdparam.register`` sets them.
 
     Examples:
         >>> import torch, mdparam

@@ -1,11 +1,11 @@
 """Checkpoints of a registered model: plain (fused) exports and training states.
 
-- :func:`plain_state_dict` / :func:`save_plain`: fused weights under the names
+- ``plain_state_dict`` / ``save_plain``: fused weights under the names
   the original architecture has; loads with ``strict=True`` into a model that
   never saw mdparam.
-- :func:`load_plain`: a plain checkpoint (say, pretrained weights) into a
+- ``load_plain``: a plain checkpoint (say, pretrained weights) into a
   registered model, which then computes what the plain weights compute.
-- :func:`save_training` / :func:`load_training`: the registered model's own
+- ``save_training`` / ``load_training``: the registered model's own
   state (directions, raw gains, the rest), with each parametrized tensor's
   configuration in the header, so ``mdparam-export`` can fuse the file
   without the model.
@@ -172,7 +172,7 @@ def save_plain(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write :func:`plain_state_dict` to a safetensors file, atomically.
+    """Write ``plain_state_dict`` to a safetensors file, atomically.
 
     ``dtype`` casts floating tensors (e.g. ``torch.bfloat16``); ``metadata``
     adds str -> str entries to the header, beside mdparam's own (format,
@@ -221,7 +221,7 @@ def save_training(
     """Write the registered model's own state, with each tensor's MD configuration.
 
     ``mdparam-export IN OUT`` turns the file into a plain checkpoint without the
-    model; :func:`load_training` resumes from it exactly. With
+    model; ``load_training`` resumes from it exactly. With
     ``max_shard_bytes``, ``path`` is a directory of shards with a
     ``model.safetensors.index.json``. The optimizer's state is not included:
     save ``optimizer.state_dict()`` beside it.
@@ -312,7 +312,7 @@ def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...], source:
 
 
 def load_training(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint written by :func:`save_training` into a registered model.
+    """Load a checkpoint written by ``save_training`` into a registered model.
 
     The model must be registered with the same layers and options as the one
     that was saved; everything is checked before anything is copied.

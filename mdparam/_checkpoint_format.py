@@ -4,7 +4,7 @@ Two kinds of file, told apart by the header key ``mdparam.kind``:
 
 - ``training``: the registered model's own state (directions, raw gains and
   everything else under their state-dict names). ``mdparam.tensors`` maps
-  each plain tensor name to its configuration (:class:`MDConfig`) and the
+  each plain tensor name to its configuration (``MDConfig``) and the
   names of its originals, so the file alone is enough to fuse it.
 - ``plain``: fused weights under the names a never-parametrized model has.
   ``mdparam.fused`` lists which tensors were fused.
@@ -14,7 +14,7 @@ Both also carry ``format: pt`` (which transformers checks) and
 ``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": ...}``)
 whose metadata holds the same keys.
 
-:func:`plain_plan` and :func:`fuse_spec` turn a training state into a plain
+``plain_plan`` and ``fuse_spec`` turn a training state into a plain
 one; the in-memory exporter and the file-to-file converter both use them.
 """
 

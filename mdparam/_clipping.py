@@ -61,7 +61,7 @@ def _total(squares: list[tuple[Tensor, Tensor]]) -> Tensor:
     """sqrt of the sum of (this rank's squares, the tensor they came from) over the job.
 
     Without DTensors the squares are whole here. With them, one all-reduce over
-    the job sums ``squares x pieces / world`` (see :func:`_world_weight`), so a
+    the job sums ``squares x pieces / world`` (see ``_world_weight``), so a
     sharded tensor counts each of its pieces once and a replicated one once.
     """
     if not squares:

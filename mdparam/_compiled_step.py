@@ -58,7 +58,7 @@ _HOOKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose state_dict hook
 
 
 class CompiledStep:
-    """``optimizer.step()`` and the retraction as one compiled function; see :func:`compile_step`."""
+    """``optimizer.step()`` and the retraction as one compiled function; see ``compile_step``."""
 
     def __init__(
         self,
@@ -155,7 +155,7 @@ def compile_step(
     ``compile_options`` go to ``torch.compile``.
 
     Where the retraction runs follows its own ``compile`` setting: a compiled
-    :class:`Retraction` (``compile=True``, the default on accelerators) is
+    ``Retraction`` (``compile=True``, the default on accelerators) is
     captured in the same graph as the optimizer step; an eager one (the
     default on the CPU, where that graph measured slower) runs right after
     the compiled step, before the optimizer's post-step hooks.

@@ -5,11 +5,11 @@
 
 Reads a file (or a sharded directory) written by ``mdparam.save_training``,
 fuses each parametrized tensor with the library's own formula
-(:func:`mdparam.fuse`) and writes a plain safetensors checkpoint with the
+(``mdparam.fuse``) and writes a plain safetensors checkpoint with the
 same header as ``mdparam.save_plain``. The model's class is never imported
 or built: the header says how each tensor is parametrized. Peak memory is
 about one tensor (with safetensors >= 0.8): each is read on its own through
-``safetensors.safe_open`` (see :mod:`mdparam._safetensors_read`), fused in
+``safetensors.safe_open`` (see ``mdparam._safetensors_read``), fused in
 place, written, and dropped.
 """
 
@@ -57,7 +57,7 @@ def convert(
     ``dtype`` casts floating tensors. ``dst`` appears only when complete and an
     existing ``dst`` is refused unless ``overwrite``. A ``dst`` that is the
     input itself (or contains it) is always refused, see
-    :func:`refuse_input_as_output`. Returns ``dst``.
+    ``refuse_input_as_output``. Returns ``dst``.
 
     >>> import shutil, tempfile, torch, safetensors.torch, mdparam
     >>> from pathlib import Path

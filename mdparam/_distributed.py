@@ -141,7 +141,7 @@ def reduce_plan(
 ) -> ReducePlan:
     """The collectives that make local squared norms global, and which directions each serves.
 
-    Directions whose norms are global (see :func:`_world_weight`) share one all-reduce
+    Directions whose norms are global (see ``_world_weight``) share one all-reduce
     over the whole job; the others get one per process group they are split over.
     Every rank must hold every direction (SPMD). Depends only on placements, spheres
     and layouts, so a retraction computes it once.

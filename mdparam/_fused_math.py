@@ -18,7 +18,7 @@ Written so that inductor reads each large tensor as few times as it can:
 - the new moments are computed twice, once for those sums and once where
   they are written, instead of stored in between.
 
-:mod:`mdparam._fused_optim` holds the optimizer around these functions.
+``mdparam._fused_optim`` holds the optimizer around these functions.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def matrix_step(
 ) -> Tensor:
     """Step D (AdamW or Muon, relative or not), its gains (AdamW), retract D, write W.
 
-    ``sums`` are :func:`early_sums`' gain sums; ``dstate`` is (exp_avg,
+    ``sums`` are ``early_sums``' gain sums; ``dstate`` is (exp_avg,
     exp_avg_sq) or (momentum_buffer,). Returns the norms the retraction
     divided by (per unit), for the caller's finiteness check.
     """

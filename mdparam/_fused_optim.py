@@ -1,7 +1,7 @@
 """The fused MD optimizer: the whole MD step from dL/dW, one compiled graph per dtype and device.
 
-:func:`mdparam.recipe` builds it (``fused=True``, the default); the maths is
-in :mod:`mdparam._fused_math`, the kept weights in :mod:`mdparam._fused_weights`.
+``mdparam.recipe`` builds it (``fused=True``, the default); the maths is
+in ``mdparam._fused_math``, the kept weights in ``mdparam._fused_weights``.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ class FusedMDOptimizer(torch.optim.Optimizer):
     and say ``"update"`` (``"adamw"`` or ``"muon"``) and ``"relative"``
     (AdamW: the step rescaled to lr x R); one ``"gain"`` group holds every
     gain; ``"other"`` groups take AdamW with their ``"weight_decay"``.
-    :meth:`step` returns the loss of ``closure`` (if given), and keeps the
-    gradient norm before clipping in :attr:`last_norm`.
+    ``step`` returns the loss of ``closure`` (if given), and keeps the
+    gradient norm before clipping in ``last_norm``.
 
-    Build it through :func:`mdparam.recipe`; by hand it looks like this.
+    Build it through ``mdparam.recipe``; by hand it looks like this.
 
     Examples:
         >>> import torch, mdparam
@@ -167,7 +167,7 @@ class FusedMDOptimizer(torch.optim.Optimizer):
         return state
 
     def _chunks(self) -> list[_Chunk]:
-        """This step's work, in chunks of one block each (see :func:`_block_of`)."""
+        """This step's work, in chunks of one block each (see ``_block_of``)."""
         if self._order is None:
             self._order = self._lay_out()
         out: dict[tuple, _Chunk] = {}
@@ -334,7 +334,7 @@ def _block_of(name: str) -> str:
 
 def _chunk_sums(mats: list[tuple], others: list[tuple]) -> tuple[Tensor, list[list[Tensor]]]:
     """Before the clipping factor is known: the chunk's sum of squared gradients, and each
-    matrix's gain sums (:func:`mdparam._fused_math.early_sums`)."""
+    matrix's gain sums (``mdparam._fused_math.early_sums``)."""
     squares, early = torch.zeros((), dtype=torch.float32, device=_device(mats, others)), []
     for _w, g, d, gains, *_state, spec in mats:
         sq, sums = early_sums(g, d, gains, spec)

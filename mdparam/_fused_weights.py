@@ -1,10 +1,10 @@
 """Fused-weight mode: each parametrized tensor's w kept as a Parameter that the forward reads.
 
-In this mode (what :func:`mdparam.recipe` sets up for its fused step), the
+In this mode (what ``mdparam.recipe`` sets up for its fused step), the
 model's forward and backward are the plain model's: w is read, not formed
 from d and the gains, and autograd produces dL/dW. d and the gains stay the
 parametrization's tensors (checkpoints, export, ``stats`` see them as
-always) but take no gradient; :class:`mdparam.FusedMDOptimizer` steps them
+always) but take no gradient; ``mdparam.FusedMDOptimizer`` steps them
 from dL/dW and writes w back.
 
 w is not part of the model's ``state_dict`` (it follows from d and the
@@ -48,7 +48,7 @@ class FusedEntry:
 
 
 class FusedWeights:
-    """Put a registered model in fused-weight mode; :meth:`leave` puts it back.
+    """Put a registered model in fused-weight mode; ``leave`` puts it back.
 
     Examples:
         >>> import torch, mdparam

@@ -5,7 +5,7 @@
 - ``scalar``: one gain per matrix;
 - ``none``: no gains, a pure sphere (as Hyperball / HyperP).
 
-Each is a :class:`GainKind`: its raw gain tensors (roles, in storage order),
+Each is a ``GainKind``: its raw gain tensors (roles, in storage order),
 their shapes, and their magnitudes shaped to broadcast against the matrix.
 """
 

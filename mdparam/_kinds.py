@@ -2,7 +2,7 @@
 
 Options arrive as names (``sphere="row"``) and are stored as names in
 checkpoint headers; everything that computes works with the objects. A
-:class:`Kinds` turns a name into its object in one place, with one error
+``Kinds`` turns a name into its object in one place, with one error
 message for an unknown name.
 """
 

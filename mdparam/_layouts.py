@@ -1,12 +1,12 @@
 """Tensor layouts: how a stored weight is seen as a matrix (..., d_out, d_in).
 
 The maths of MD decoupling is about matrices: rows are outputs, columns are
-inputs. Layers store their weights in other layouts; a :class:`Layout` turns
+inputs. Layers store their weights in other layouts; a ``Layout`` turns
 the stored tensor into that matrix and back, by an einops pattern. The
 direction keeps the stored shape (so it shards like the plain weight), and
 the matrix is a view of it, except for a ``flatten_in`` tensor whose trailing
 dims cannot be merged (a channels_last convolution): then it is a copy, and
-in-place work must be written back (:meth:`Layout.write_back`).
+in-place work must be written back (``Layout.write_back``).
 
 - ``linear``: ``o i -> o i``, as nn.Linear.
 - ``transposed``: ``i o -> o i``, as transformers' GPT-2 ``Conv1D``.
@@ -15,8 +15,8 @@ in-place work must be written back (:meth:`Layout.write_back`).
 - ``batched``: ``... o i -> ... o i``, as fused MoE expert weights; one matrix
   (one sphere, one set of gains) per leading index.
 
-Names are resolved once, at the API's edge, with :data:`layout_of`; inside,
-everything takes the :class:`Layout` object.
+Names are resolved once, at the API's edge, with ``layout_of``; inside,
+everything takes the ``Layout`` object.
 
 Examples:
     >>> import torch
@@ -43,7 +43,7 @@ _PLANNED_NDIM = 8  # patterns kept for tensors of up to this many dims (more: wo
 
 class Layout:
     """One way of storing a matrix: the einops patterns from the stored tensor to its
-    matrix view and back (:meth:`patterns`); subclasses say which dims exist."""
+    matrix view and back (``patterns``); subclasses say which dims exist."""
 
     name = ""
 
@@ -73,17 +73,17 @@ class Layout:
 
     def to_matrix(self, t: Tensor) -> Tensor:
         """The matrix view (..., d_out, d_in) of a stored tensor (a copy only where
-        :meth:`is_view` says so)."""
+        ``is_view`` says so)."""
         there = self._moves(t.ndim)[0]
         return t if there is None else rearrange(t, there)
 
     def from_matrix(self, m: Tensor, shape: Sequence[int]) -> Tensor:
-        """Inverse of :meth:`to_matrix`: back to the stored ``shape``."""
+        """Inverse of ``to_matrix``: back to the stored ``shape``."""
         back = self._moves(len(shape))[1]
         return m if back is None else rearrange(m, back, **_sizes(back, shape))
 
     def _moves(self, ndim: int) -> tuple[str | None, str | None]:
-        """:meth:`patterns`, None for one that moves nothing; worked out once per ndim when
+        """``patterns``, None for one that moves nothing; worked out once per ndim when
         the layout is made, since this runs per tensor per step."""
         if ndim < len(self._by_ndim):
             return self._by_ndim[ndim]
@@ -93,7 +93,7 @@ class Layout:
         return tuple(None if _identity(p) else p for p in self.patterns(ndim))  # type: ignore[return-value]
 
     def is_view(self, t: Tensor) -> bool:
-        """Whether :meth:`to_matrix` of ``t`` is a view (decided from the strides alone)."""
+        """Whether ``to_matrix`` of ``t`` is a view (decided from the strides alone)."""
         return True
 
     def write_back(self, matrix: Tensor, t: Tensor) -> None:

@@ -3,8 +3,8 @@
 A gain map turns an unconstrained raw gain into the magnitude that scales a
 row or a column of the direction. ``softplus`` is the authors' choice (always
 positive, linear for large values); ``exp`` is positive and multiplicative;
-``identity`` lets a gain change sign. Each is a :class:`GainMap`, callable
-as phi; names are resolved once, at the API's edge, with :data:`gain_map_of`.
+``identity`` lets a gain change sign. Each is a ``GainMap``, callable
+as phi; names are resolved once, at the API's edge, with ``gain_map_of``.
 
 Examples:
     >>> import torch
@@ -34,7 +34,7 @@ _SOFTPLUS_THRESHOLD = 20.0
 
 
 class GainMap:
-    """phi and its inverse. :meth:`__call__` is phi inside autograd and torch.compile."""
+    """phi and its inverse. ``__call__`` is phi inside autograd and torch.compile."""
 
     name = ""
     opaque = True  # under torch.compile, run as one opaque op (see gain_map_op)

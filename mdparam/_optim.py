@@ -120,7 +120,7 @@ def param_groups(
 
 
 def _radius_scales(model: nn.Module) -> dict[int, float]:
-    """Each direction's ``radius_scale`` (see :func:`mdparam.register`), by parameter id."""
+    """Each direction's ``radius_scale`` (see ``mdparam.register``), by parameter id."""
     return {id(e.direction): e.parametrization.radius_scale for e in registered(model)}
 
 
@@ -136,7 +136,7 @@ def _by_radius_scale(
 
 def muon_step_scale(d_out: int, d_in: int, radius_scale: float = 1.0) -> float:
     """The paper's Muon step per unit LR: sqrt(max/min) x radius_scale, so that
-    ||lr x U||_F = lr x R on the default flat sphere (see :func:`muon_param_groups`)."""
+    ||lr x U||_F = lr x R on the default flat sphere (see ``muon_param_groups``)."""
     return math.sqrt(max(d_out, d_in) / min(d_out, d_in)) * radius_scale
 
 

@@ -1,8 +1,8 @@
-"""The options of :func:`mdparam.register`, one frozen object per layer.
+"""The options of ``mdparam.register``, one frozen object per layer.
 
 A field left at None means "not set here": per layer, the call's own values
 win, then ``overrides=`` (later entries first), then the layer kind's
-defaults (:mod:`mdparam._adapters`), then :data:`DEFAULTS`.
+defaults (``mdparam._adapters``), then ``DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Options:
     - ``sphere``: ``"flat"`` (||D||_F = R), ``"row"`` or ``"col"`` (each row or
       column on its own sphere).
     - ``radius``: ``"shape"``, ``"init"`` or a positive number (see
-      :mod:`mdparam._sphere`).
+      ``mdparam._sphere``).
     - ``radius_scale``: a factor on that radius; the optimizer helpers scale
       the direction's learning rate by it too.
     - ``gain_map``: phi, ``"softplus"``, ``"identity"`` or ``"exp"``.
@@ -45,7 +45,7 @@ class Options:
     - ``forward`` (nn.Linear): ``"formed"`` (W formed, then torch's linear),
       ``"factored"`` (y = phi(r) * ((x * phi(c)) @ D^T), W never formed) or
       ``"auto"`` (the cheaper of the two for the tokens of each call; see
-      :mod:`mdparam._forward`).
+      ``mdparam._forward``).
     """
 
     gains: str | None = None

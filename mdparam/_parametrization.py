@@ -1,6 +1,6 @@
 """The direction-and-gain parametrization: W = diag(phi(r)) . D . diag(phi(c)).
 
-:func:`fuse` is the one definition of that formula. The parametrization module
+``fuse`` is the one definition of that formula. The parametrization module
 given to ``torch.nn.utils.parametrize``, the retraction, the exporters and the
 file-to-file converter all call it.
 """
@@ -37,7 +37,7 @@ _PRESERVE_TOL = 1e-4
 
 @dataclass(frozen=True)
 class Geometry:
-    """The objects an :class:`MDConfig`'s names stand for, resolved once."""
+    """The objects an ``MDConfig``'s names stand for, resolved once."""
 
     sphere: Sphere
     gains: GainKind
@@ -117,7 +117,7 @@ def gain_magnitudes(
     raw_gains: tuple[Tensor, ...], config: MDConfig, *, traced: bool = False
 ) -> tuple[Tensor, ...]:
     """phi of each raw gain, shaped to broadcast against the matrix view, row factor first
-    (``traced``: see :meth:`mdparam._gains.GainKind.magnitudes`)."""
+    (``traced``: see ``mdparam._gains.GainKind.magnitudes``)."""
     g = config.geometry
     return g.gains.magnitudes(tuple(raw_gains), g.gain_map, traced=traced)
 
@@ -260,11 +260,11 @@ class MagnitudeDirection(nn.Module):
     """Parametrization W = diag(phi(r)) . D . diag(phi(c)) for ``parametrize``.
 
     The originals are, in order, the direction D (stored shape) and the raw
-    gains of ``config.roles[1:]``. :meth:`right_inverse` splits a weight into
+    gains of ``config.roles[1:]``. ``right_inverse`` splits a weight into
     them so that the fused weight equals it: D is the weight projected onto
     the sphere and the gains take up the norm the projection removed.
 
-    Use :func:`mdparam.register` rather than building this by hand.
+    Use ``mdparam.register`` rather than building this by hand.
 
     Examples:
         >>> import torch
@@ -370,12 +370,12 @@ class MagnitudeDirection(nn.Module):
 class FusedWeight:
     """W = fuse(D, gains) kept as a Parameter, for a forward that reads W instead of forming it.
 
-    The fused step (:class:`mdparam.FusedMDOptimizer`) writes W after every
+    The fused step (``mdparam.FusedMDOptimizer``) writes W after every
     update of D and the gains, so the model's forward and backward are the
     plain model's. ``versions`` are the version counters of D, the gains and
     W when W was last written: an in-place write since then (a user's
     ``D.mul_(2)`` under ``torch.no_grad()``, a ``load_state_dict``) changes
-    them. An eager forward then recomputes W (:meth:`read`); a compiled one
+    them. An eager forward then recomputes W (``read``); a compiled one
     cannot look, so the optimizer checks before its step.
     """
 

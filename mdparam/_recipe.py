@@ -1,16 +1,16 @@
 """The paper's from-scratch training recipe in one call: register, optimizers, schedule, clip.
 
-:func:`recipe` is the path for training a model from its initialisation. It
+``recipe`` is the path for training a model from its initialisation. It
 registers the model with the paper's start (``init="sphere"``: every
 direction the projected initial weight, every gain phi = 1), builds the base
 optimizer(s) with the learning rates of each role, attaches the retraction,
 sets a linear decay with no warmup, and clips the fused-weight gradient.
 
 For a model whose weights are already trained (fine-tuning, or plain weights
-loaded with :func:`mdparam.load_plain`), keep its function instead:
+loaded with ``mdparam.load_plain``), keep its function instead:
 ``mdparam.register(model)`` (``init="preserve"``, the default of
-:func:`mdparam.register`) and build the optimizer with
-:func:`mdparam.param_groups`.
+``mdparam.register``) and build the optimizer with
+``mdparam.param_groups``.
 """
 
 from __future__ import annotations
@@ -54,18 +54,18 @@ _ROW_SPHERE = {"sphere": "row", "radius": 1.0, "init": "sphere"}
 
 @dataclass
 class Recipe:
-    """What :func:`recipe` built; :meth:`step` runs one optimizer step of it.
+    """What ``recipe`` built; ``step`` runs one optimizer step of it.
 
     Attributes:
         model: the registered model.
         optimizers: the base optimizer(s); the last holds the hidden
             directions and carries the retraction, so it steps last.
         schedulers: one LambdaLR per optimizer (linear decay, or constant).
-        retraction: the :class:`mdparam.Retraction`, attached to the last
+        retraction: the ``mdparam.Retraction``, attached to the last
             optimizer (None with the fused step, which retracts itself).
         registered: the qualified names of the parametrized tensors.
         clip: the gradient-norm limit (None: no clipping).
-        clip_scope: ``"fused"`` or ``"all"`` (see :func:`mdparam.clip_grad_norm_`).
+        clip_scope: ``"fused"`` or ``"all"`` (see ``mdparam.clip_grad_norm_``).
         steps: the length of the linear decay (None: constant LRs).
         fused: the kept weights of the fused step (None: the step forms W in
             the forward, as with any optimizer).
@@ -117,7 +117,7 @@ class Recipe:
     def schedule(self, steps: int | None) -> None:
         """Decay every LR linearly to 0 over ``steps`` from the start (None: constant).
 
-        For when the run's length is known only after :func:`recipe` (Lightning's
+        For when the run's length is known only after ``recipe`` (Lightning's
         ``estimated_stepping_batches``, say); call it before the first step.
         """
         decay = _linear_decay(steps)
@@ -149,7 +149,7 @@ class Recipe:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and scheduler state, to save beside :func:`mdparam.save_training`."""
+        """Optimizer and scheduler state, to save beside ``mdparam.save_training``."""
         return {
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -311,7 +311,7 @@ def recipe(
     """Register ``model`` with the paper's start and build its training step, in one call.
 
     For training from scratch. A model already registered (``mdparam.register``,
-    or :func:`register_for_recipe` then sharded) is used as it is.
+    or ``register_for_recipe`` then sharded) is used as it is.
 
     Args:
         model: an nn.Module; registered here, in place, unless it already is.
@@ -337,8 +337,8 @@ def recipe(
             (the authors: residual output projections by 1/sqrt(2 * n_layers)).
         init: how the hidden matrices start, ``"sphere"`` (the paper's) or
             ``"preserve"``; embeddings and head on a unit sphere start on it.
-        include: which layers, as in :func:`mdparam.register`.
-        exclude: which layers not, as in :func:`mdparam.register`.
+        include: which layers, as in ``mdparam.register``.
+        exclude: which layers not, as in ``mdparam.register``.
         muon_options: more keyword arguments for Muon.
         adamw_options: more keyword arguments for AdamW.
         fused: the fused step (docs/guides/from-scratch.md). Where it cannot
@@ -512,12 +512,12 @@ def register_for_recipe(
     include: Any = None,
     exclude: Any = None,
 ) -> list[str]:
-    """The registration half of :func:`recipe`, for when something must come between.
+    """The registration half of ``recipe``, for when something must come between.
 
     FSDP2 and tensor parallelism go after registration and before the
     optimizer: ``register_for_recipe`` -> ``fully_shard`` /
-    :func:`mdparam.parallelize_module` -> :func:`recipe` with the same
-    ``head`` (it uses the registration it finds). Arguments as in :func:`recipe`.
+    ``mdparam.parallelize_module`` -> ``recipe`` with the same
+    ``head`` (it uses the registration it finds). Arguments as in ``recipe``.
 
     Examples:
         >>> import torch, mdparam

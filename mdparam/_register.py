@@ -1,7 +1,7 @@
 """Putting the parametrization on a module tree, taking it off, re-initialising it.
 
-:func:`register` runs in three steps: *plan* (walk the tree, pick the layers,
-resolve each layer's :class:`~mdparam._options.Options`, decide what to do with tied
+``register`` runs in three steps: *plan* (walk the tree, pick the layers,
+resolve each layer's ``mdparam._options.Options``, decide what to do with tied
 weights), *validate* (every planned tensor, before anything changes) and
 *apply* (parametrize each, undoing all of it if one fails).
 """
@@ -343,7 +343,7 @@ def register(
         gain_map: phi: ``"softplus"`` (default), ``"identity"`` or ``"exp"``.
         init: ``"preserve"`` (default: the same function right after
             registration) or ``"sphere"`` (the paper's start: the projected
-            weight, every phi = 1; :func:`mdparam.recipe` trains from there).
+            weight, every phi = 1; ``mdparam.recipe`` trains from there).
         fuse: ``"traced"`` (default: torch.compile traces the fuse) or
             ``"opaque"`` (one opaque op: faster cold compiles, slower steps).
         forward: for nn.Linear, ``"formed"`` (default: W formed, then torch's
@@ -359,7 +359,7 @@ def register(
             parametrizes every holder with one direction and one set of gains;
             ``"error"`` raises.
         layers: module types and/or globs on module names, or ``"all"`` for
-            every kind mdparam knows (:mod:`mdparam._adapters`).
+            every kind mdparam knows (``mdparam._adapters``).
         overrides: ``{type or name glob: {option: value}}`` for the options
             this call leaves at None (e.g. ``{"*.attn.o": {"radius_scale": 0.2}}``).
 
@@ -400,7 +400,7 @@ def _plan(
     layers: LayerKinds,
     overrides: Mapping[type | str, Mapping[str, object]] | None,
 ) -> list[Planned]:
-    """What :func:`register` will apply, every tensor validated; nothing changed yet."""
+    """What ``register`` will apply, every tensor validated; nothing changed yet."""
     check_choice("tied", tied, TIED)
     if not isinstance(model, nn.Module):
         raise TypeError(f"mdparam.register needs an nn.Module, got {type(model).__name__}")

@@ -104,7 +104,7 @@ class RetractionGroups:
     takes its norms (a BLAS dot per fp32/fp64 tensor, else one
     ``_foreach_norm``), a few ops on the vector of norms and one
     ``_foreach_mul_``, instead of the four small ops per tensor, with Python in
-    between, of the loop in :func:`retract_`. Row and column spheres, and
+    between, of the loop in ``retract_``. Row and column spheres, and
     batched matrices, keep the per-tensor path.
 
     Examples:
@@ -160,7 +160,7 @@ def retract_grouped_(
     radii: Sequence[float | Tensor],
     groups: RetractionGroups,
 ) -> list[Tensor]:
-    """:func:`retract_` chunk by chunk (see :class:`RetractionGroups`): the same result up
+    """``retract_`` chunk by chunk (see ``RetractionGroups``): the same result up
     to rounding, the norms in the same order (0-d for whole-tensor directions)."""
     used: list[Tensor | None] = [None] * len(directions)
     for idx in groups.chunks:
@@ -242,7 +242,7 @@ class Retraction:
 
     Eagerly, the directions that are one unit of their sphere (flat spheres)
     are normed together and rescaled by one ``_foreach_mul_`` per dtype
-    (:class:`RetractionGroups`); row and column spheres are normed and
+    (``RetractionGroups``); row and column spheres are normed and
     rescaled one tensor at a time. ``compile=True`` captures the per-tensor pass with
     ``torch.compile(fullgraph=True, dynamic=False)``, once, on first call.
     ``compile="auto"`` (default) compiles on accelerators, where one graph
@@ -251,16 +251,16 @@ class Retraction:
     so re-reads them from memory (docs/guides/trained-weights.md, "Retraction", has the
     measurements). bf16/fp16 directions are normed and rescaled in fp32.
     Under FSDP2 the norms of sharded directions are reduced across ranks
-    (:class:`mdparam._distributed.ShardedNorms`).
+    (``mdparam._distributed.ShardedNorms``).
 
-    Build it after :func:`mdparam.register` and call it after every optimizer
-    step, or let :meth:`attach` do that.
+    Build it after ``mdparam.register`` and call it after every optimizer
+    step, or let ``attach`` do that.
 
     ``relative_step=True`` makes the direction's learning rate the relative
     step for any base optimizer: after each step, the step the optimizer took
     is rescaled to length ``lr x R`` (per row or column for row/col spheres)
     before the retraction, D <- retract(D_prev + lr R U / ||U||). This is the
-    Hyperball-style normalised update; Muon with :func:`muon_param_groups`
+    Hyperball-style normalised update; Muon with ``muon_param_groups``
     is already relative and does not need it. It costs one copy of the
     directions in memory and three more passes over them per step. A glob
     on direction names, a list of globs or a predicate ``name -> bool``
@@ -271,7 +271,7 @@ class Retraction:
 
     A direction of zero norm stays zero (not NaN). With ``check=True``
     (default) a zero or non-finite norm (a diverged step) raises
-    :class:`RetractionError` naming the layers; the check reads one flag back
+    ``RetractionError`` naming the layers; the check reads one flag back
     from the device per call, which ``check=False`` avoids on a GPU.
 
     Examples:
@@ -342,7 +342,7 @@ class Retraction:
 
     @property
     def attached(self) -> bool:
-        """Whether an optimizer hook runs this retraction (see :meth:`attach`)."""
+        """Whether an optimizer hook runs this retraction (see ``attach``)."""
         return bool(self.handles)
 
     def radii(self) -> list[float | Tensor]:
@@ -360,9 +360,9 @@ class Retraction:
         """The retraction's tensor work, with no checks and no Python-side state.
 
         With ``relative_lrs`` (one per relative-step direction, see
-        :meth:`RelativeStep.current_lrs`), the recorded step is rescaled first.
-        Returns the norms used, for :meth:`check_norms`. This is what a
-        compiled optimizer step captures (:func:`mdparam.compile_step`).
+        ``RelativeStep.current_lrs``), the recorded step is rescaled first.
+        Returns the norms used, for ``check_norms``. This is what a
+        compiled optimizer step captures (``mdparam.compile_step``).
         """
         local, radii = self.local(), self.radii()
         if relative_lrs is not None and self.relative is not None:
@@ -385,7 +385,7 @@ class Retraction:
             self.check_norms(norms)
 
     def check_norms(self, norms: list[Tensor]) -> None:
-        """Raise :class:`RetractionError` if any norm the retraction saw was zero or not finite.
+        """Raise ``RetractionError`` if any norm the retraction saw was zero or not finite.
 
         Sharded directions whose norms are local to a rank (row spheres split by
         rows) agree on the outcome through one small all-reduce, so that every
@@ -426,7 +426,7 @@ class Retraction:
         each step (one extra copy of them in memory) and, after it, rescales
         the step to ``lr x R`` with ``lr`` read from each direction's param
         group at that step (divided by ``"mdparam_lr_scale"`` where
-        :func:`muon_param_groups` or :func:`param_groups` set one).
+        ``muon_param_groups`` or ``param_groups`` set one).
         """
         if len(self.missing(optimizer)) == len(self.directions):
             raise ValueError(
@@ -453,9 +453,9 @@ class Retraction:
 class RelativeStep:
     """The relative step of some directions: D <- D_prev + lr R U / ||U||, U = D - D_prev.
 
-    :meth:`bind` reads each direction's learning rate from the optimizer's
-    groups; :meth:`record` keeps D before a step; the owning
-    :class:`Retraction` then applies the rescaled step before it retracts.
+    ``bind`` reads each direction's learning rate from the optimizer's
+    groups; ``record`` keeps D before a step; the owning
+    ``Retraction`` then applies the rescaled step before it retracts.
     """
 
     def __init__(self, owner: Retraction, indices: list[int], *, compile: bool = False) -> None:
@@ -520,7 +520,7 @@ class RelativeStep:
         self.recorded = True
 
     def mark_recorded(self) -> None:
-        """Say that :meth:`copy_previous` ran (inside a compiled step)."""
+        """Say that ``copy_previous`` ran (inside a compiled step)."""
         self.recorded = True
 
     def current_lrs(self) -> list[Tensor | float]:
@@ -573,7 +573,7 @@ def _relative_lr(group: dict) -> Tensor | float:
 
 
 class _Handles:
-    """Removes the hooks :meth:`Retraction.attach` added, like a RemovableHandle."""
+    """Removes the hooks ``Retraction.attach`` added, like a RemovableHandle."""
 
     def __init__(self, owner: Retraction, handles: list[RemovableHandle]) -> None:
         self.owner = owner

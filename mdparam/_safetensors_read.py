@@ -4,7 +4,7 @@ The format is ``safetensors.safe_open``'s business: it checks each header (its
 length, the JSON, every tensor's dtype, shape and offsets, data that the
 tensors cover exactly) and reads tensors. mdparam adds what a checkpoint needs
 around it: sharded directories (their index), errors that name the file and
-say what to do (:class:`SafetensorsFormatError`, the library's message
+say what to do (``SafetensorsFormatError``, the library's message
 inside), and reads that keep resident memory near one tensor.
 
 Reads are per tensor through ``safe_open``, each file opened once (so a
@@ -17,7 +17,7 @@ closed: there each tensor is copied out of the map, and resident memory grows
 by the file's pages read so far (clean page cache the kernel can reclaim, but
 counted in the process's RSS).
 
-Writing is hand-written, to stream: :mod:`mdparam._safetensors_write`.
+Writing is hand-written, to stream: ``mdparam._safetensors_write``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _reason(error: Exception) -> str:
 
 @contextlib.contextmanager
 def _library_errors(path: Path) -> Iterator[None]:
-    """Re-raise the library's errors about ``path`` as :class:`SafetensorsFormatError`."""
+    """Re-raise the library's errors about ``path`` as ``SafetensorsFormatError``."""
     try:
         yield
     except SafetensorError as e:
@@ -123,7 +123,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tens
     """The metadata and the tensor entries of a safetensors file, checked by the library.
 
     Raises ``FileNotFoundError`` / ``IsADirectoryError`` for a path that is not
-    a file and :class:`SafetensorsFormatError` for a file that is not a
+    a file and ``SafetensorsFormatError`` for a file that is not a
     complete safetensors file, or holds a dtype mdparam does not read.
     """
     path = Path(path)
@@ -136,8 +136,8 @@ class CheckpointReader:
 
     Every header is read and checked when the reader is made: ``metadata``
     (the file's; for a directory the index's, else its first shard's),
-    ``entries`` (name -> :class:`TensorEntry`) and ``files`` (name -> the file
-    that holds it). :meth:`get` reads one tensor. Close it (or use ``with``)
+    ``entries`` (name -> ``TensorEntry``) and ``files`` (name -> the file
+    that holds it). ``get`` reads one tensor. Close it (or use ``with``)
     to close the files.
     """
 
@@ -158,7 +158,7 @@ class CheckpointReader:
             raise
 
     def _add(self, file: Path) -> dict[str, str]:
-        """Add ``file``'s entries, keeping it open for :meth:`get`; return its metadata."""
+        """Add ``file``'s entries, keeping it open for ``get``; return its metadata."""
         handle = self._closing.enter_context(_open(file))
         metadata, entries = _header(handle, file)
         self._handles[file] = handle

@@ -8,9 +8,9 @@ is known before any tensor is computed, so each tensor is written as soon as it
 exists and then dropped.
 
 Every kind of file written here (single, sharded, each dtype in
-:data:`DTYPE_NAMES`) loads with ``safetensors.torch.load_file``
+``DTYPE_NAMES``) loads with ``safetensors.torch.load_file``
 (tests/test_export.py). Reading goes through the library:
-:mod:`mdparam._safetensors_read`.
+``mdparam._safetensors_read``.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def remove_stale_temporaries(
 ) -> list[Path]:
     """Delete the temporaries that killed writers of ``path`` left beside it; return them.
 
-    :func:`write_file` and :func:`write_sharded` write ``path`` through a
+    ``write_file`` and ``write_sharded`` write ``path`` through a
     hidden temporary ``.NAME.XXXXXXXX.tmp`` (a file, or a directory for a
     sharded checkpoint) in the same directory, renamed into place when
     complete. A writer killed with SIGKILL (or by a power cut) cannot delete
@@ -259,7 +259,7 @@ def write_file(
     (written to a temporary file in the same directory, flushed, then renamed):
     an error or a kill midway leaves any previous file at ``path`` untouched.
     Before writing, the temporaries that killed writers of ``path`` left are
-    deleted (see :func:`remove_stale_temporaries` for which ones).
+    deleted (see ``remove_stale_temporaries`` for which ones).
     """
     path = atomic_path(path, overwrite=overwrite)
     specs = list(specs)
@@ -339,7 +339,7 @@ def write_sharded(
     The directory appears only when every shard is complete: it is built
     beside ``dirpath`` under a temporary name (locked while it is written),
     then renamed into place. Stale temporary directories that killed writers
-    of ``dirpath`` left are deleted first (see :func:`remove_stale_temporaries`).
+    of ``dirpath`` left are deleted first (see ``remove_stale_temporaries``).
     """
     dirpath = atomic_path(dirpath, overwrite=overwrite)
     remove_stale_temporaries(dirpath)

@@ -1,8 +1,8 @@
 """Spheres that hold the direction D, and the policies that pick their radius.
 
-Each kind is a :class:`Sphere`, whose methods take the *matrix view*
-(..., d_out, d_in) of a tensor (see :mod:`mdparam._layouts`). Names are
-resolved once, at the API's edge, with :data:`sphere_of`.
+Each kind is a ``Sphere``, whose methods take the *matrix view*
+(..., d_out, d_in) of a tensor (see ``mdparam._layouts``). Names are
+resolved once, at the API's edge, with ``sphere_of``.
 
 Examples:
     >>> import torch
@@ -175,7 +175,7 @@ def resolve_radius(radius: str | float, matrix: Tensor, sphere: Sphere) -> float
     ``matrix`` is the weight's matrix view at registration. ``"shape"`` and
     numbers give a Python float (a function of the shape or the option, so
     nothing to save). ``"init"`` gives the weight's norms as a tensor that
-    broadcasts like :meth:`Sphere.norm` (fp32 for bf16/fp16 weights): it is
+    broadcasts like ``Sphere.norm`` (fp32 for bf16/fp16 weights): it is
     kept with the model's state, so a checkpoint or DCP resume restores it.
     """
     if isinstance(radius, str):

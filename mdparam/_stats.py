@@ -47,7 +47,7 @@ def stats(
 
     This function remembers each model's last record on the model itself (a
     plain attribute, not in its ``state_dict``), so it goes with the model.
-    :class:`Stats` keeps the record in an object you hold instead.
+    ``Stats`` keeps the record in an object you hold instead.
 
     Examples:
         >>> import torch, mdparam
@@ -67,7 +67,7 @@ def stats(
 
 
 class Stats:
-    """:func:`stats` with its record of the previous directions held here, not in a global table.
+    """``stats`` with its record of the previous directions held here, not in a global table.
 
     Examples:
         >>> import torch, mdparam

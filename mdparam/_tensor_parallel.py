@@ -16,7 +16,7 @@ column gains    replicated             Shard(0)
 bias            Shard(0)               replicated
 ==============  =====================  =====================
 
-Order: ``register`` -> :func:`parallelize_module` (with torch's plan; it
+Order: ``register`` -> ``parallelize_module`` (with torch's plan; it
 swaps in these styles for registered layers) -> ``fully_shard`` for 2-D ->
 optimizer -> ``Retraction``. The retraction then reduces each sphere's norms
 over exactly the mesh dimensions that split it.

@@ -1,4 +1,4 @@
-"""The torch.optim internals :func:`mdparam.compile_step` relies on, in one pinned place.
+"""The torch.optim internals ``mdparam.compile_step`` relies on, in one pinned place.
 
 A compiled step calls an optimizer's undecorated step body (torch's decorated
 ``step()`` graph-breaks around it to switch grad mode off), so it must run

@@ -1,12 +1,12 @@
 """Finding things in a module tree: parametrized tensors, tied weights, wrappers.
 
 Every other module asks here: which tensors carry the MD parametrization
-(:func:`registered`), which Parameters are shared between modules
-(:func:`tie_map`), what model sits inside torch.compile / DDP wrappers
-(:func:`unwrap`), whether FSDP2 or torch.compile already wrapped a model
-(:func:`check_not_wrapped`), the whole value of a possibly sharded
-tensor (:func:`full_tensor`), and the tensors a parametrized layer keeps
-(:func:`original_name`, :func:`originals`).
+(``registered``), which Parameters are shared between modules
+(``tie_map``), what model sits inside torch.compile / DDP wrappers
+(``unwrap``), whether FSDP2 or torch.compile already wrapped a model
+(``check_not_wrapped``), the whole value of a possibly sharded
+tensor (``full_tensor``), and the tensors a parametrized layer keeps
+(``original_name``, ``originals``).
 """
 
 from __future__ import annotations

@@ -22,13 +22,13 @@ Three calls, one per hook::
             mdl.step(self, loss)  # backward, clip, step every optimizer, schedule, zero
             return loss
 
-:func:`setup` registers the model with :func:`mdparam.recipe` (once, in
+``setup`` registers the model with ``mdparam.recipe`` (once, in
 ``configure_model``, so that resuming from a Lightning checkpoint loads into
-the registered model) and keeps the :class:`~mdparam.Recipe` on the module;
+the registered model) and keeps the ``mdparam.Recipe`` on the module;
 the LR schedule runs over the batches the trainer will step on unless
 ``steps=`` says otherwise. With ``"adamw"`` (one optimizer) automatic optimization works too:
-leave ``automatic_optimization`` on, return :func:`configure_optimizers` and
-call :func:`clip` from ``configure_gradient_clipping``; Lightning's
+leave ``automatic_optimization`` on, return ``configure_optimizers`` and
+call ``clip`` from ``configure_gradient_clipping``; Lightning's
 ``optimizer.step()`` then runs the retraction.
 
 Lightning's FSDP and DeepSpeed strategies replace parameters after
@@ -55,8 +55,8 @@ def setup(
     """Register ``model`` (usually a submodule of ``module``) with the recipe, once.
 
     Call it from ``configure_model``; later calls return the same recipe.
-    ``recipe_kwargs`` go to :func:`mdparam.recipe` (``lr`` is required);
-    without ``steps``, :func:`configure_optimizers` decays the LRs over the
+    ``recipe_kwargs`` go to ``mdparam.recipe`` (``lr`` is required);
+    without ``steps``, ``configure_optimizers`` decays the LRs over the
     batches the trainer will step on (``estimated_stepping_batches``).
     """
     existing = getattr(module, ATTRIBUTE, None)
