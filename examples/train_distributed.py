@@ -142,16 +142,36 @@ def build(args: argparse.Namespace, device: torch.device, world: int):
     return model, net, train, dp_rank, dp
 
 
+def sched_state(sched) -> dict:
+    """The scheduler's state_dict with float LRs, the same with and without --compile-step.
+
+    mdparam.compile_step makes the LRs 0-d tensors, so the scheduler's ``_last_lr``
+    becomes a list of tensors, which torch.distributed.checkpoint saves under other
+    keys (``_last_lr.0``, ...) than the floats a fresh scheduler expects.
+    """
+    state = sched.state_dict()
+    return {
+        k: [float(x) if isinstance(x, torch.Tensor) else x for x in v] if isinstance(v, list) else v
+        for k, v in state.items()
+    }
+
+
 def resume_from(ckpt: Path, model: GPT, opt, sched) -> int:
     """Load the torch.distributed.checkpoint in ``ckpt``; the step to continue from."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd, "sched": sched.state_dict(), "step": torch.tensor(0)}
+    state = {"model": msd, "optim": osd, "sched": sched_state(sched), "step": torch.tensor(0)}
     dcp.load(state, checkpoint_id=str(ckpt))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     sched.load_state_dict(state["sched"])
+    # The param groups hold the saved run's LRs: its schedule at this step, 0 if it had
+    # finished. This run's schedule (its --steps) sets the LR of the step it resumes at:
+    # the same when --steps is, else a longer run would take that step at LR 0 (eager
+    # AdamW: no step; compiled AdamW: NaN where the second moment is 0, pytorch#126514).
+    for group, base, decay in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * decay(sched.last_epoch)
     return int(state["step"])
 
 
@@ -208,7 +228,7 @@ def main() -> None:
                 print(f"step {step:5d}  loss {float(value) / world:.4f}", flush=True)
         if args.save_every and (step + 1) % args.save_every == 0:
             msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd, "sched": sched.state_dict()}
+            state = {"model": msd, "optim": osd, "sched": sched_state(sched)}
             dcp.save({**state, "step": torch.tensor(step + 1)}, checkpoint_id=str(ckpt))
 
     path = mdparam.save_plain(model, out / "model.safetensors", overwrite=True)  # every rank joins
