@@ -79,3 +79,14 @@ def test_an_unknown_layout_names_the_choices():
     with pytest.raises(ValueError, match="choose one of"):
         layout_of("diagonal")
     assert set(LAYOUTS) == {"linear", "transposed", "flatten_in", "batched"}
+
+
+@pytest.mark.slow  # compiles two small models
+def test_compiled_layouts_leave_no_einops_call_in_the_step():
+    # einops runs while torch.compile traces the layouts, never in the compiled step
+    from benchmarks.layouts_cost import compiled_calls
+
+    for model in ("conv (flatten_in)", "mlp (transposed)"):
+        calls = compiled_calls(model, steps=2)
+        assert calls["while_compiling"] > 0, model  # the counter sees the traced calls
+        assert calls["per_step_after"] == 0, (model, calls)
