@@ -183,7 +183,7 @@ def compiled_step(model: GPT, train, opt, sched):
     compiled = mdparam.compile_step(opt, mdparam.Retraction(model, relative_step=True))
 
     def step_fn() -> None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
+        mdparam.clip_grad_norm_(model, train.clip, scope=train.clip_scope)  # global under TP too
         compiled()
         sched.step()
         opt.zero_grad(set_to_none=True)

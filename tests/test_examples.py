@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = "--width 32 --depth 1 --block 16 --global-batch 2".split()
 
 
-def train_distributed(out: Path, *flags: str) -> dict[int, float]:
+def train_distributed(out: Path, *flags: str, procs: int = 1) -> dict[int, float]:
     """One run of the example (torchrun --standalone: a free port); the losses it printed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    cmd += ["-m", "examples.train_distributed", *TINY, "--out", str(out), *flags]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(procs), "-m", "examples.train_distributed", *TINY]
+    cmd += ["--out", str(out), *flags]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     # "step     3  loss 3.9959"
@@ -44,3 +45,13 @@ def test_compile_step_continues_a_finished_run_for_more_steps(tmp_path):
     eager = train_distributed(tmp_path, "--steps", "4", "--resume")
     assert math.isfinite(compiled[3])
     assert compiled[3] == pytest.approx(eager[3], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_compile_step_clips_tensor_parallel_gradients(tmp_path):
+    # torch's clip_grad_norm_ cannot mix the sharded (DTensor) and plain gradients of a
+    # tensor-parallel model; mdparam's clipping takes a global norm over both
+    flags = ["--steps", "3", "--tp", "2", "--width", "64"]
+    compiled = train_distributed(tmp_path / "c", *flags, "--compile-step", procs=2)
+    eager = train_distributed(tmp_path / "e", *flags, procs=2)
+    assert compiled[2] == pytest.approx(eager[2], abs=2e-4)
