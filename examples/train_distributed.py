@@ -236,6 +236,7 @@ def main() -> None:
         print(
             f"wrote {path}: load it with GPT(cfg).load_state_dict(safetensors.torch.load_file(path), strict=True)"
         )
+    dist.barrier()  # no rank tears down gloo while another still has work in flight
     dist.destroy_process_group()
 
 
