@@ -55,6 +55,7 @@ def tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
 
 
 _HOOKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose state_dict hooks are in
+_LR_FLOOR = torch.finfo(torch.float32).tiny
 
 
 class CompiledStep:
@@ -112,6 +113,12 @@ class CompiledStep:
         r = self.retraction
         if r is not None and r.relative is not None:
             r.relative.copy_previous()
+        # Compiled Adam(W) with a tensor LR of exactly 0 (a warmup's first step, a decay's
+        # end) divides eps by it and writes NaN where the second moment is 0
+        # (pytorch#126514); the smallest normal float moves no weight and stays finite.
+        lrs = [g["lr"] for g in self.optimizer.param_groups if isinstance(g["lr"], Tensor)]
+        if lrs:
+            torch._foreach_clamp_min_(lrs, _LR_FLOOR)
         self._raw_step(self.optimizer)
         if r is None or not self.retraction_in_graph:
             return None

@@ -203,3 +203,26 @@ def test_the_undecorated_step_runs_no_hooks_and_schedulers_see_the_step():
         warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise
         step()
         sched.step()
+
+
+def test_a_zero_learning_rate_moves_nothing_and_writes_no_nan():
+    # compiled AdamW with a tensor LR of 0 divides eps by it: NaN wherever the second
+    # moment is 0 (pytorch#126514), as in an embedding's rows no batch has used yet
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 8))
+    mdparam.register(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    step = mdparam.compile_step(opt, mdparam.Retraction(model))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: float(t > 0))  # 0 at the start
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.tensor([[1, 2, 3]])).square().mean().backward()  # rows 0, 4.. get no gradient
+    step()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=1e-30)
+    sched.step()  # the LR is back: the next step moves the weights
+    model(torch.tensor([[1, 2, 3]])).square().mean().backward()
+    step()
+    assert not torch.equal(
+        model[1].parametrizations.weight.original0, before["1.parametrizations.weight.original0"]
+    )
