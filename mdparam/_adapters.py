@@ -96,8 +96,8 @@ def register_adapter(
         tensors: ``{tensor_name: layout}``; layouts are ``"linear"`` (out, in),
             ``"transposed"`` (in, out), ``"flatten_in"`` (out, in, *kernel),
             ``"batched"`` (*batch, out, in).
-        **defaults: register options for this kind (fields of
-            ``mdparam._options.Options``), used unless the call to
+        **defaults: options of ``mdparam.register`` (``gains``, ``sphere``,
+            ``radius``, ...) for this kind, used unless the call to
             ``mdparam.register`` sets them.
 
     Examples:

@@ -359,7 +359,7 @@ def register(
             parametrizes every holder with one direction and one set of gains;
             ``"error"`` raises.
         layers: module types and/or globs on module names, or ``"all"`` for
-            every kind mdparam knows (``mdparam._adapters``).
+            every kind mdparam knows (docs/guides/layers.md lists them).
         overrides: ``{type or name glob: {option: value}}`` for the options
             this call leaves at None (e.g. ``{"*.attn.o": {"radius_scale": 0.2}}``).
 

@@ -250,8 +250,7 @@ class Retraction:
     inductor's single fused kernel norms every tensor before rescaling any and
     so re-reads them from memory (docs/guides/trained-weights.md, "Retraction", has the
     measurements). bf16/fp16 directions are normed and rescaled in fp32.
-    Under FSDP2 the norms of sharded directions are reduced across ranks
-    (``mdparam._distributed.ShardedNorms``).
+    Under FSDP2 the norms of sharded directions are reduced across ranks.
 
     Build it after ``mdparam.register`` and call it after every optimizer
     step, or let ``attach`` do that.
