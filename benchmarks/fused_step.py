@@ -64,16 +64,22 @@ def plain_optimizers(model: GPT, optimizer: str) -> list[torch.optim.Optimizer]:
     return [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.0)]
 
 
-def build_side(side: str, width: int, layers: int, optimizer: str):
-    """A step function: forward, backward, clip, optimizer step(s), zero grads."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(
+def shape_config(shape: str) -> GPTConfig:
+    """The example GPT at one of ``SHAPES`` (byte vocabulary, 128 tokens per sequence)."""
+    width, layers = SHAPES[shape]
+    return GPTConfig(
         vocab_size=256, block_size=128, n_layer=layers, n_head=width // 64, n_embd=width
     )
+
+
+def build_side(side: str, cfg: GPTConfig, optimizer: str):
+    """A step function on a GPT of ``cfg`` (8 sequences per step): forward, backward, clip,
+    optimizer step(s), zero grads."""
+    torch.manual_seed(0)
     model = GPT(cfg)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (8, 128), generator=g)
-    y = torch.randint(0, 256, (8, 128), generator=g)
+    x = torch.randint(0, cfg.vocab_size, (8, cfg.block_size), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (8, cfg.block_size), generator=g)
     if side == "plain":
         opts = plain_optimizers(model, optimizer)
         fwd = torch.compile(model, fullgraph=True)
@@ -100,8 +106,7 @@ def build_side(side: str, width: int, layers: int, optimizer: str):
 
 
 def child_speed(args: argparse.Namespace) -> dict:
-    width, layers = SHAPES[args.shape]
-    steps = {s: build_side(s, width, layers, args.optimizer) for s in SIDES}
+    steps = {s: build_side(s, shape_config(args.shape), args.optimizer) for s in SIDES}
     for _ in range(3):  # compile and warm up
         for s in SIDES:
             steps[s]()
@@ -119,8 +124,7 @@ def child_speed(args: argparse.Namespace) -> dict:
 
 
 def child_memory(args: argparse.Namespace) -> dict:
-    width, layers = SHAPES[args.shape]
-    step = build_side(args.side, width, layers, args.optimizer)
+    step = build_side(args.side, shape_config(args.shape), args.optimizer)
     t0 = time.perf_counter()
     step()
     step()

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 import mdparam
+from benchmarks.fused_step import OPTIMIZERS as RECIPE_OPTIMIZERS
+from benchmarks.fused_step import SIDES as RECIPE_SIDES
+from benchmarks.fused_step import build_side
 from benchmarks.workloads import (
     BENCH_GPT,
     ROOT,
@@ -385,6 +388,35 @@ def section_recompiles(args: argparse.Namespace) -> dict:
     }
 
 
+def section_recipe_child(args: argparse.Namespace) -> dict:
+    """One process: plain torch, the fused recipe and the formed recipe, interleaved, for the
+    base optimizer ``--variant`` (benchmarks/fused_step.py builds the three steps)."""
+    sides = {s: build_side(s, BENCH_GPT, args.variant) for s in RECIPE_SIDES}
+    t = interleaved(sides, repeats=args.repeats, warmup=3)
+    out = {k: summary(v) for k, v in t.items()}
+    for side in ("fused", "formed"):
+        out[f"{side}_ratio"] = statistics.median(t[side]) / statistics.median(t["plain"])
+    return out
+
+
+def section_recipe(args: argparse.Namespace) -> dict:
+    """The recipe's whole step (compiled model, clipping at 1.0) / plain torch's, fused and
+    formed, with AdamW and with Muon."""
+    out = {}
+    for opt in RECIPE_OPTIMIZERS:
+        runs = [
+            CHILDREN.run(["--section", "recipe_child", "--variant", opt])
+            for _ in range(args.processes)
+        ]
+        out[opt] = {}
+        for side in ("fused", "formed"):
+            ratios = [r[f"{side}_ratio"] for r in runs]
+            out[opt][f"{side}_ratio"] = statistics.median(ratios)
+            out[opt][f"{side}_ratio_per_process"] = ratios
+        print(f"  recipe {opt}: {out[opt]}", file=sys.stderr)
+    return out
+
+
 SECTIONS = {
     "step": section_step,
     "retraction": section_retraction,
@@ -393,6 +425,7 @@ SECTIONS = {
     "memory": section_memory,
     "recompiles": section_recompiles,
     "small": section_small,
+    "recipe": section_recipe,
 }
 CHILD_ONLY = {
     "compile_child": section_compile_child,
@@ -400,6 +433,7 @@ CHILD_ONLY = {
     "pair_child": section_pair_child,
     "retraction_child": section_retraction_child,
     "optstep_child": section_optstep_child,
+    "recipe_child": section_recipe_child,
 }
 
 

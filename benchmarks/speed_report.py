@@ -21,11 +21,15 @@ TARGETS = {
     ("compile", "ratio"): "1.2",
     ("optstep", "md_compiled_step_over_plain", "ratio"): "1.00",
     ("optstep", "md_compiled_step_over_plain_compiled_opt", "ratio"): "1.02",
+    ("recipe", "adamw", "fused_ratio"): "1.03",
+    ("recipe", "muon", "fused_ratio"): "1.03",
 }
 COLUMNS = ("default", "tuned")  # the allocators of the table's two value columns, in order
 
 # The plot's bars: (label, place in the results).
 PLOT_ROWS = [
+    ("recipe, adamw, fused step", ("recipe", "adamw", "fused_ratio")),
+    ("recipe, muon, fused step", ("recipe", "muon", "fused_ratio")),
     ("step, eager fp32", ("step", "eager_fp32", "ratio")),
     ("step, compiled fp32", ("step", "compiled_fp32", "ratio")),
     ("step, eager bf16", ("step", "eager_bf16", "ratio")),
@@ -44,6 +48,16 @@ PLOT_ROWS = [
 
 # The table's ratio rows at its top: (label, place in the results); targets from TARGETS.
 TABLE_RATIOS = [
+    (
+        'recipe(model, "adamw"), fused step / plain AdamW (compiled model, clip 1.0)',
+        ("recipe", "adamw", "fused_ratio"),
+    ),
+    ("the same, formed step (fused=False)", ("recipe", "adamw", "formed_ratio")),
+    (
+        'recipe(model, "muon"), fused step / plain Muon + AdamW (compiled model, clip 1.0)',
+        ("recipe", "muon", "fused_ratio"),
+    ),
+    ("the same, formed step (fused=False)", ("recipe", "muon", "formed_ratio")),
     ("train step, eager fp32", ("step", "eager_fp32", "ratio")),
     ("train step, compiled fp32", ("step", "compiled_fp32", "ratio")),
     ("train step, eager bf16 autocast", ("step", "eager_bf16", "ratio")),
