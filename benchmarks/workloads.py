@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import mdparam
 from examples.gpt import GPT, GPTConfig
+from mdparam import _forward
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,14 +167,14 @@ def factored_parts(
 
 def _factored_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """y = phi(r) * ((x * phi(c)) @ D^T) + bias: mdparam's factored forward, W never built."""
-    return mdparam._forward.factored_linear(self, x)
+    return _forward.factored_linear(self, x)
 
 
 def build_factored(md: Side) -> Side:
     """A copy of an MD side whose layers use the factored forward (register(forward="factored"))."""
     model = copy.deepcopy(md.model)
     for e in mdparam.registered(model):
-        mdparam._forward.install_forward(e.module, "factored")
+        _forward.install_forward(e.module, "factored")
     opt = md_adamw(model)
     retraction = mdparam.Retraction(model)
     retraction.attach(opt)

@@ -1,7 +1,7 @@
 """The converter's entry point in a checkout of the repository: ``python -m export IN OUT``.
 
-The code lives in :mod:`mdparam._convert` (installed with mdparam, as the
-``mdparam-export`` command). This folder is
+The code is internal to mdparam (installed with it as the ``mdparam-export``
+command). This folder is
 not installed: it only keeps ``python -m export`` and ``import export``
 working from the repository's root.
 """

@@ -122,7 +122,8 @@ def clip_grad_norm_(
     Args:
         model: a registered model (a compiled or DDP wrapper works too, as
             long as its parameters are the model's).
-        max_norm: the largest total L2 norm allowed.
+        max_norm: the largest total L2 norm allowed; ``math.inf`` measures the
+            norm and changes nothing.
         scope: ``"fused"`` (the authors' clipping) measures the norm on the
             fused weights' gradients dL/dW plus every unregistered
             parameter's gradient, then scales the gradients of directions,
@@ -136,18 +137,20 @@ def clip_grad_norm_(
     global (one all-reduce).
 
     Examples:
-        >>> import torch, mdparam
+        >>> import math, torch, mdparam
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         >>> _ = mdparam.register(model, init="sphere")
         >>> model(torch.randn(4, 8)).square().sum().mul(100).backward()
         >>> before = mdparam.clip_grad_norm_(model, 1.0)
-        >>> after = mdparam.clip_grad_norm_(model, 1.0)  # measured again: now at the limit
+        >>> after = mdparam.clip_grad_norm_(model, math.inf)  # only measures: now at the limit
         >>> bool(before > 1), round(float(after), 4)
         (True, 1.0)
     """
     check_choice("clip scope", scope, CLIP_SCOPES)
-    if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+    if not (isinstance(max_norm, int | float) and max_norm > 0 and not math.isnan(max_norm)):
+        raise ValueError(
+            f"max_norm must be a positive number (math.inf only measures), got {max_norm!r}"
+        )
     total = fused_grad_norm(model) if scope == "fused" else grad_norm(model)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(

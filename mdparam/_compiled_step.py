@@ -115,15 +115,27 @@ class CompiledStep:
             r.relative.copy_previous()
         # Compiled Adam(W) with a tensor LR of exactly 0 (a warmup's first step, a decay's
         # end) divides eps by it and writes NaN where the second moment is 0
-        # (pytorch#126514); the smallest normal float moves no weight and stays finite.
-        lrs = [g["lr"] for g in self.optimizer.param_groups if isinstance(g["lr"], Tensor)]
+        # (pytorch#126514). For the step alone, the LR is held at the smallest normal
+        # float: finite, and a step of at most ~1e-37, which only a weight of exactly 0
+        # can show; the groups hold their own LR again right after.
+        lrs = self._floored_lrs
+        kept = [lr.clone() for lr in lrs]
         if lrs:
             torch._foreach_clamp_min_(lrs, _LR_FLOOR)
         self._raw_step(self.optimizer)
+        if lrs:
+            torch._foreach_copy_(lrs, kept)
         if r is None or not self.retraction_in_graph:
             return None
         lrs = r.relative.current_lrs() if r.relative is not None else None
         return r.retract_tensors(lrs)
+
+    @property
+    def _floored_lrs(self) -> list[Tensor]:
+        """The LR tensors the step holds above 0: Adam and AdamW's (pytorch#126514)."""
+        if not isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW):
+            return []
+        return [g["lr"] for g in self.optimizer.param_groups if isinstance(g["lr"], Tensor)]
 
     def _body(self, optimizer: torch.optim.Optimizer) -> list[Tensor] | None:
         with torch.no_grad():
@@ -155,7 +167,11 @@ def compile_step(
     stays a normal torch.optim object: its state_dict, param groups and LR
     schedulers work as before. Its float learning rates are turned into 0-d
     tensors (schedulers update those in place), so a changing LR does not
-    recompile. The retraction must not also be attached. Works with AdamW,
+    recompile; the optimizer's state_dict still holds floats, but a
+    scheduler's ``get_last_lr()`` and state_dict then hold 0-d tensors (save
+    ``float`` copies where a checkpoint format wants plain numbers). An LR of
+    exactly 0 is safe with Adam(W) (see the step). The retraction must not also
+    be attached. Works with AdamW,
     SGD and the other torch.optim optimizers that torch.compile supports, with
     a compiled or an eager model, and under FSDP2 (the step compiles over the
     DTensor shards; the sharded retraction runs eagerly after it).

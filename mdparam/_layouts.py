@@ -139,6 +139,8 @@ class FlattenInLayout(Layout):
     name = "flatten_in"
 
     def patterns(self, ndim: int) -> tuple[str, str]:
+        if ndim == 2:  # no kernel: already the matrix
+            return super().patterns(ndim)
         kernel = " ".join(f"k{j}" for j in range(1, ndim - 1))
         return f"o i {kernel} -> o (i {kernel})", f"o (i {kernel}) -> o i {kernel}"
 

@@ -241,8 +241,8 @@ class Retraction:
     """Callable that puts every direction of a registered model back on its sphere.
 
     Eagerly, the directions that are one unit of their sphere (flat spheres)
-    are normed together and rescaled by one ``_foreach_mul_`` per dtype
-    (``RetractionGroups``); row and column spheres are normed and
+    are normed together and rescaled by one ``_foreach_mul_`` per dtype;
+    row and column spheres are normed and
     rescaled one tensor at a time. ``compile=True`` captures the per-tensor pass with
     ``torch.compile(fullgraph=True, dynamic=False)``, once, on first call.
     ``compile="auto"`` (default) compiles on accelerators, where one graph
@@ -259,7 +259,7 @@ class Retraction:
     step for any base optimizer: after each step, the step the optimizer took
     is rescaled to length ``lr x R`` (per row or column for row/col spheres)
     before the retraction, D <- retract(D_prev + lr R U / ||U||). This is the
-    Hyperball-style normalised update; Muon with ``muon_param_groups``
+    Hyperball-style normalised update; Muon (``mdparam.muon_optimizers``)
     is already relative and does not need it. It costs one copy of the
     directions in memory and three more passes over them per step. A glob
     on direction names, a list of globs or a predicate ``name -> bool``
@@ -358,8 +358,8 @@ class Retraction:
     def retract_tensors(self, relative_lrs: Sequence[Tensor | float] | None = None) -> list[Tensor]:
         """The retraction's tensor work, with no checks and no Python-side state.
 
-        With ``relative_lrs`` (one per relative-step direction, see
-        ``RelativeStep.current_lrs``), the recorded step is rescaled first.
+        With ``relative_lrs`` (one per relative-step direction: its group's LR at
+        this step), the recorded step is rescaled first.
         Returns the norms used, for ``check_norms``. This is what a
         compiled optimizer step captures (``mdparam.compile_step``).
         """
@@ -425,7 +425,7 @@ class Retraction:
         each step (one extra copy of them in memory) and, after it, rescales
         the step to ``lr x R`` with ``lr`` read from each direction's param
         group at that step (divided by ``"mdparam_lr_scale"`` where
-        ``muon_param_groups`` or ``param_groups`` set one).
+        ``mdparam.muon_optimizers`` or ``mdparam.param_groups`` set one).
         """
         if len(self.missing(optimizer)) == len(self.directions):
             raise ValueError(

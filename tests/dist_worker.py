@@ -258,7 +258,7 @@ def scenario_save_fails(rank: int, world: int, outdir: Path) -> None:
     errors = {}
 
     def attempt(what: str, patches: dict, **save_kwargs) -> None:
-        """save_plain with some of mdparam.checkpoint's names patched; record its error."""
+        """save_plain with some of mdparam._checkpoint's names patched; record its error."""
         with contextlib.ExitStack() as stack:
             for name, fn in patches.items():
                 stack.enter_context(mock.patch.object(ck, name, fn))

@@ -220,6 +220,9 @@ def test_a_zero_learning_rate_moves_nothing_and_writes_no_nan():
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=1e-30)
+    # the step's floor is not what the groups, the state_dict or a checkpoint see
+    assert [float(g["lr"]) for g in opt.param_groups] == [0.0]
+    assert [g["lr"] for g in opt.state_dict()["param_groups"]] == [0.0]
     sched.step()  # the LR is back: the next step moves the weights
     model(torch.tensor([[1, 2, 3]])).square().mean().backward()
     step()

@@ -190,8 +190,20 @@ def test_clipping_rejects_bad_arguments():
     _, md = _pair()
     with pytest.raises(ValueError, match="unknown clip scope"):
         mdparam.clip_grad_norm_(md, 1.0, scope="weights")
-    with pytest.raises(ValueError, match="positive finite"):
-        mdparam.clip_grad_norm_(md, -1.0)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="positive number"):
+            mdparam.clip_grad_norm_(md, bad)
+
+
+def test_clipping_at_infinity_only_measures():
+    _, md = _pair()
+    params = [p for p in md.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in params]
+    norm = mdparam.clip_grad_norm_(md, float("inf"))
+    assert float(norm) > 0
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params))
+    assert float(mdparam.clip_grad_norm_(md, float(norm) / 2)) == pytest.approx(float(norm))
+    assert float(mdparam.clip_grad_norm_(md, float("inf"))) == pytest.approx(float(norm) / 2)
 
 
 # --- the recipe's step -----------------------------------------------------------------------
