@@ -1,6 +1,6 @@
 """Put a benchmark's Markdown table into the documentation, between its markers.
 
-Each benchmark command ends by calling :func:`insert`, so the tables in the
+Each benchmark command ends by calling ``insert``, so the tables in the
 README and the pages under docs/ are always the ones its last run wrote
 (``<!-- begin:NAME -->`` ... ``<!-- end:NAME -->``, in whichever page holds them).
 """
@@ -35,7 +35,7 @@ def insert(name: str, text: str, readme: Path | None = None) -> bool:
 
 
 def insert_if_committed(name: str, text: str, out_dir: str | Path) -> bool:
-    """:func:`insert`, only for a run that wrote the committed results (benchmarks/results).
+    """``insert``, only for a run that wrote the committed results (benchmarks/results).
 
     A run with ``--out`` elsewhere is a trial and leaves the README alone.
     """

@@ -6,7 +6,7 @@
 For a few model shapes (the shape matrix's GPT, eager AdamW steps), each in fresh
 processes, times the retraction's tensor work (with its norm check) against a copy of
 the same tensors, interleaved (medians): the per-tensor loop (``retract_``, one norm and
-one multiply per direction) and :class:`mdparam._retraction.RetractionGroups` with chunks
+one multiply per direction) and ``mdparam._retraction.RetractionGroups`` with chunks
 of 2, 8 and 32 MiB and with no limit (the default). Timed alone, then right after
 training steps with the order rotated so that each variant goes first as often as the
 others. Results: benchmarks/results/retraction_chunks.{json,md}; docs/performance.md quotes them.

@@ -3,7 +3,7 @@
 Every section is a function of the parsed command line that returns a JSON-able
 dict. Sections in ``SECTIONS`` are what ``--sections`` chooses from; the ones in
 ``CHILD_ONLY`` are the single-process measurements those start through
-:data:`CHILDREN` (``python -m benchmarks.speed --child --section NAME``, in the
+``CHILDREN`` (``python -m benchmarks.speed --child --section NAME``, in the
 repository root), so each variant gets a fresh process: its own compile caches
 and its own peak memory.
 """

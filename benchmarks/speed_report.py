@@ -1,8 +1,8 @@
 """The speed suite's report, from its results (speed.json): the README table and the plot.
 
-:func:`render` gives the Markdown table (speed.md, and the README between
-``<!-- begin:speed -->`` and ``<!-- end:speed -->``), :func:`plot` the bar chart
-(speed.png), :func:`write_report` both and the README. Nothing here measures
+``render`` gives the Markdown table (speed.md, and the README between
+``<!-- begin:speed -->`` and ``<!-- end:speed -->``), ``plot`` the bar chart
+(speed.png), ``write_report`` both and the README. Nothing here measures
 or needs torch.
 """
 

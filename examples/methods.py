@@ -2,7 +2,7 @@
 
 The main job (examples/train_gpt.py), the reproduction sweep
 (benchmarks/reproduce.py) and the recipe ablation (benchmarks/ablation.py)
-all call :func:`train`, so both sides of every comparison run the same code
+all call ``train``, so both sides of every comparison run the same code
 except for the method.
 
 Every method clips the gradient norm at 1.0. Methods (the swept ``lr`` is the
@@ -13,7 +13,7 @@ matrix LR of baselines, the direction LR of MD):
 - ``muon``: torch.optim.Muon on hidden matrices (weight decay 0.1), AdamW
   (other_lr, weight decay 0.1 on matrices) on the rest; warmup and linear
   decay as adamw.
-- ``md-muon``, ``md-adamw``, ``md-adamw-relative``: :func:`mdparam.recipe`
+- ``md-muon``, ``md-adamw``, ``md-adamw-relative``: ``mdparam.recipe``
   with Muon, AdamW, and AdamW with the relative step: the paper's start,
   no weight decay, no warmup, linear decay, clipping on the fused weights,
   residual output projections on a 1/sqrt(2L) sphere; embeddings and head
@@ -152,12 +152,12 @@ OUTPUT_PROJECTIONS = ("blocks.*.attn.o", "blocks.*.mlp.down")
 
 
 def base_optimizer(method: str) -> str:
-    """The base optimizer of an MD method, as :func:`mdparam.recipe` names it."""
+    """The base optimizer of an MD method, as ``mdparam.recipe`` names it."""
     return "muon" if method == "md-muon" else "adamw"
 
 
 def md_recipe(model: GPT, cfg: RunConfig, lr: float) -> mdparam.Recipe:
-    """The MD methods' setup: :func:`mdparam.recipe` with this run's knobs."""
+    """The MD methods' setup: ``mdparam.recipe`` with this run's knobs."""
     scale = 1 / math.sqrt(2 * cfg.depth)
     return mdparam.recipe(
         model,

@@ -153,7 +153,7 @@ class FusedMDOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_order"):  # the groups were checked against the kept weights once
             raise RuntimeError(
-                "mdparam.FusedMDOptimizer: its groups are fixed when it is built; build a new "
+                "mdparam (the recipe's fused step): its groups are fixed when it is built; build a new "
                 "one (mdparam.recipe) with every group instead of adding one"
             )
         super().add_param_group(param_group)
@@ -247,29 +247,29 @@ def _plan(weights: FusedWeights, groups: list[dict]) -> tuple[dict, dict, int | 
     interned: dict[MatrixSpec, MatrixSpec] = {}
     gain_groups = [i for i, g in enumerate(groups) if g.get("mdparam_role") == "gain"]
     if len(gain_groups) > 1:
-        raise ValueError("mdparam.FusedMDOptimizer: give every gain in one 'gain' group")
+        raise ValueError("mdparam (the recipe's fused step): give every gain in one 'gain' group")
     held_gains = {id(p) for i in gain_groups for p in groups[i]["params"]}
     for g in groups:
         role = g.get("mdparam_role")
         if role not in ("direction", "gain", "other"):
             raise ValueError(
-                "mdparam.FusedMDOptimizer: every group needs 'mdparam_role' set to 'direction', "
+                "mdparam (the recipe's fused step): every group needs 'mdparam_role' set to 'direction', "
                 f"'gain' or 'other', got {role!r}"
             )
         if role != "direction":
             continue
         update = g.get("update", "adamw")
-        check_choice("update", update, UPDATES, where="mdparam.FusedMDOptimizer")
+        check_choice("update", update, UPDATES, where="mdparam (the recipe's fused step)")
         for p in g["params"]:
             e = entries.get(id(p))
             if e is None:
                 raise ValueError(
-                    "mdparam.FusedMDOptimizer: a 'direction' group holds a tensor that is not a "
+                    "mdparam (the recipe's fused step): a 'direction' group holds a tensor that is not a "
                     "direction of the FusedWeights given; build both from the same model"
                 )
             if any(id(t) not in held_gains for t in e.gains):
                 raise ValueError(
-                    f"mdparam.FusedMDOptimizer: the gains of {e.name!r} are in no 'gain' group"
+                    f"mdparam (the recipe's fused step): the gains of {e.name!r} are in no 'gain' group"
                 )
             spec = _spec(e, update, bool(g.get("relative", False)))
             specs[id(p)] = interned.setdefault(spec, spec)  # equal blocks: one object, one graph
@@ -281,7 +281,7 @@ def _spec(e: FusedEntry, update: str, relative: bool) -> MatrixSpec:
     if update == "muon":
         if len(cfg.matrix_shape) != 2:
             raise ValueError(
-                f"mdparam.FusedMDOptimizer: Muon takes only 2-d matrices, but {e.name!r} has the "
+                f"mdparam (the recipe's fused step): Muon takes only 2-d matrices, but {e.name!r} has the "
                 f"matrix shape {cfg.matrix_shape}; give it to AdamW"
             )
         return MatrixSpec(
@@ -463,7 +463,7 @@ def _check_reduced(mats: list[tuple]) -> None:
 def _raise_diverged(entries: list[FusedEntry], norms: list[Tensor]) -> None:
     bad = [e.name for e, n in zip(entries, norms) if not bool(((n > 0) & n.isfinite()).all())]
     raise RetractionError(
-        f"mdparam.FusedMDOptimizer: the direction of {', '.join(map(repr, bad or ['?']))} has a "
+        f"mdparam (the recipe's fused step): the direction of {', '.join(map(repr, bad or ['?']))} has a "
         "zero or non-finite norm after the step. The step diverged: lower the learning rate, "
         "clip gradients, or check the data for inf/NaN"
     )

@@ -69,12 +69,12 @@ class FusedWeights:
         found = registered(model)
         if not found:
             raise ValueError(
-                "mdparam.FusedWeights: the model has no MD-parametrized tensor; call "
+                "mdparam (the recipe's fused step): the model has no MD-parametrized tensor; call "
                 "mdparam.register(model) first"
             )
         if any(e.parametrization.fused is not None for e in found):
             raise ValueError(
-                "mdparam.FusedWeights: the model is in fused-weight mode already (a recipe "
+                "mdparam (the recipe's fused step): the model is in fused-weight mode already (a recipe "
                 "built with fused=True); call .leave() on the first before making another"
             )
         self.entries: list[FusedEntry] = []
