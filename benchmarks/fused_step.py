@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import mdparam
 from benchmarks.readme import RESULTS, insert_if_committed
+from benchmarks.workloads import interleaved
 from examples.gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,15 +108,7 @@ def build_side(side: str, cfg: GPTConfig, optimizer: str):
 
 def child_speed(args: argparse.Namespace) -> dict:
     steps = {s: build_side(s, shape_config(args.shape), args.optimizer) for s in SIDES}
-    for _ in range(3):  # compile and warm up
-        for s in SIDES:
-            steps[s]()
-    times: dict[str, list[float]] = {s: [] for s in SIDES}
-    for _ in range(args.repeats):
-        for s in SIDES:
-            t0 = time.perf_counter()
-            steps[s]()
-            times[s].append(time.perf_counter() - t0)
+    times = interleaved(steps, repeats=args.repeats, warmup=3)  # the warm-up compiles
     med = {s: statistics.median(t) for s, t in times.items()}
     return {
         "median_ms": {s: 1e3 * m for s, m in med.items()},

@@ -157,6 +157,8 @@ def clip_grad_norm_(
             f"mdparam.clip_grad_norm_: the total gradient norm is {float(total)} ({scope} scope); "
             "the step diverged: lower the learning rate or check the data for inf/NaN"
         )
+    if math.isinf(max_norm):
+        return total  # only measured: no pass over the gradients
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     with torch.no_grad():
         for p in model.parameters():

@@ -311,7 +311,10 @@ def recipe(
     """Register ``model`` with the paper's start and build its training step, in one call.
 
     For training from scratch. A model already registered (``mdparam.register``,
-    or ``register_for_recipe`` then sharded) is used as it is.
+    or ``register_for_recipe`` then sharded) is used as it is; else ``model`` is
+    registered with ``register_for_recipe``, which takes and documents ``head``,
+    ``head_mode``, ``embeddings``, ``radius_scale``, ``init``, ``include`` and
+    ``exclude``.
 
     Args:
         model: an nn.Module; registered here, in place, unless it already is.
@@ -328,17 +331,6 @@ def recipe(
         clip: the gradient-norm limit (None: off).
         clip_scope: what ``clip`` measures: the fused weights (``"fused"``)
             or all leaves (``"all"``).
-        head: a glob naming the output layer (``"lm_head"``), never given to Muon.
-        head_mode: the head ``"plain"``, on a unit row sphere (``"sphere"``),
-            or on one with gains (``"sphere-gains"``); None: the base optimizer's.
-        embeddings: ``"plain"`` or a unit row sphere (``"sphere"``); None:
-            the base optimizer's.
-        radius_scale: ``{module glob: factor}``: a smaller sphere and step
-            (the authors: residual output projections by 1/sqrt(2 * n_layers)).
-        init: how the hidden matrices start, ``"sphere"`` (the paper's) or
-            ``"preserve"``; embeddings and head on a unit sphere start on it.
-        include: which layers, as in ``mdparam.register``.
-        exclude: which layers not, as in ``mdparam.register``.
         muon_options: more keyword arguments for Muon.
         adamw_options: more keyword arguments for AdamW.
         fused: the fused step (docs/guides/from-scratch.md). Where it cannot
@@ -517,7 +509,22 @@ def register_for_recipe(
     FSDP2 and tensor parallelism go after registration and before the
     optimizer: ``register_for_recipe`` -> ``fully_shard`` /
     ``mdparam.parallelize_module`` -> ``recipe`` with the same
-    ``head`` (it uses the registration it finds). Arguments as in ``recipe``.
+    ``head`` (it uses the registration it finds).
+
+    Args:
+        model: an nn.Module, registered in place.
+        optimizer: the base optimizer the registration is for, as in ``recipe``.
+        head: a glob naming the output layer (``"lm_head"``), never given to Muon.
+        head_mode: the head ``"plain"``, on a unit row sphere (``"sphere"``),
+            or on one with gains (``"sphere-gains"``); None: the base optimizer's.
+        embeddings: ``"plain"`` or a unit row sphere (``"sphere"``); None:
+            the base optimizer's.
+        radius_scale: ``{module glob: factor}``: a smaller sphere and step
+            (the authors: residual output projections by 1/sqrt(2 * n_layers)).
+        init: how the hidden matrices start, ``"sphere"`` (the paper's) or
+            ``"preserve"``; embeddings and head on a unit sphere start on it.
+        include: which layers, as in ``mdparam.register``.
+        exclude: which layers not, as in ``mdparam.register``.
 
     Examples:
         >>> import torch, mdparam

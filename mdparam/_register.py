@@ -333,23 +333,17 @@ def register(
 
     Args:
         model: any nn.Module tree.
-        gains: which raw gains: ``"rowcol"`` (default), ``"row"``, ``"col"``,
-            ``"scalar"`` or ``"none"``.
-        sphere: ``"flat"`` (default; ||D||_F = R), ``"row"`` or ``"col"``
-            (each row or column on its own sphere).
-        radius: ``"shape"`` (default), ``"init"`` or a positive number.
-        radius_scale: a factor on that radius; the optimizer helpers scale the
-            direction's learning rate by it too.
-        gain_map: phi: ``"softplus"`` (default), ``"identity"`` or ``"exp"``.
-        init: ``"preserve"`` (default: the same function right after
-            registration) or ``"sphere"`` (the paper's start: the projected
-            weight, every phi = 1; ``mdparam.recipe`` trains from there).
-        fuse: ``"traced"`` (default: torch.compile traces the fuse) or
-            ``"opaque"`` (one opaque op: faster cold compiles, slower steps).
-        forward: for nn.Linear, ``"formed"`` (default: W formed, then torch's
-            linear), ``"factored"`` (W never formed) or ``"auto"``.
-            For every option above, None leaves a layer kind's own default
-            (embeddings: row sphere, row gains), then the default named.
+        gains: ``"rowcol"``, ``"row"``, ``"col"``, ``"scalar"`` or ``"none"``.
+        sphere: ``"flat"`` (||D||_F = R), ``"row"`` or ``"col"``.
+        radius: ``"shape"``, ``"init"`` or a positive number.
+        radius_scale: a factor on the radius and on the direction's LR.
+        gain_map: phi: ``"softplus"``, ``"identity"`` or ``"exp"``.
+        init: ``"preserve"`` (the same function) or ``"sphere"`` (the paper's start).
+        fuse: ``"traced"`` or ``"opaque"`` (faster cold compiles, slower steps).
+        forward: for nn.Linear, ``"formed"``, ``"factored"`` or ``"auto"``.
+            Each option above: the first value is the default; None leaves a
+            layer kind's own (embeddings: row sphere, row gains); the guide
+            docs/guides/trained-weights.md has a table of what each means.
         include: which layers, among the supported ones: a glob on the
             module's or the tensor's qualified name (``"blocks.*.attn.*"``), a
             list of globs, or a predicate ``(name, module) -> bool``.
